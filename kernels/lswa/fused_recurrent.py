@@ -1,0 +1,171 @@
+"""Fused Triton decode step of LSWA: one program per (sequence, kv head).
+
+Each program reads the sinks, the ring buffer's keys/values, the linear state and one ring_fk
+row (the token leaving the window) once for all query heads of its group, writes the output and
+updates the state in place: new token into its ring slot (and sink slot while pos < sinks), the
+leaving token folded into lin_s / lin_z. Same math as ``lswa_decode_naive``; positions may
+differ across the batch.
+"""
+from __future__ import annotations
+
+import os
+import torch
+import triton
+import triton.language as tl
+
+from .naive import LSWAState
+
+LOG2E = 1.4426950408889634
+
+
+# Triton's interpreter multiplies bf16 tensors as raw integers in tl.dot: upcast there.
+_INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
+@triton.jit
+def _dot(a, b, PREC: tl.constexpr):
+    """tl.dot with fp32 accumulation (operands upcast under the interpreter)."""
+    if _INTERPRET:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, input_precision=PREC)
+
+
+def _empty_like(x: torch.Tensor) -> torch.Tensor:
+    """Uninitialised output; tests replace this with a NaN-filled one to catch unwritten output."""
+    return torch.empty_like(x)
+
+
+@triton.jit
+def _step(qt, kt, vt, mask, m, l, acc, SCALE2, PREC: tl.constexpr):
+    """Online softmax over one block of keys (log2 units)."""
+    s = _dot(qt, tl.trans(kt), PREC) * SCALE2
+    s = tl.where(mask, s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m - m_safe)
+    acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, PREC)
+    return m_new, l * alpha + tl.sum(p, 1), acc
+
+
+@triton.jit
+def _decode_kernel(q, k, v, fq, fk, gate, sink_k, sink_v, ring_k, ring_v, ring_fk, lin_s, lin_z,
+                   pos, tickets, o, SCALE2, W, S,
+                   H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, F: tl.constexpr,
+                   BG: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BW: tl.constexpr,
+                   BS: tl.constexpr, PREC: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    hk = tl.program_id(1).to(tl.int64)
+    grp = H // HKV
+    bh = b * HKV + hk
+    p = tl.load(pos + b)
+    slot = p % W
+    rg, rd, rf = tl.arange(0, BG), tl.arange(0, BD), tl.arange(0, BF)
+    gok, dok, fok = rg < grp, rd < D, rf < F
+    heads = hk * grp + rg
+    qt = tl.load(q + (b * H + heads)[:, None] * D + rd[None, :], mask=gok[:, None] & dok[None, :],
+                 other=0.0).to(ring_k.dtype.element_ty)
+    k_new = tl.load(k + bh * D + rd, mask=dok, other=0.0).to(ring_k.dtype.element_ty)
+    v_new = tl.load(v + bh * D + rd, mask=dok, other=0.0).to(ring_v.dtype.element_ty)
+    fk_new = tl.load(fk + bh * F + rf, mask=fok, other=0.0)
+
+    m = tl.full([BG], float("-inf"), tl.float32)
+    l = tl.zeros([BG], tl.float32)
+    acc = tl.zeros([BG, BD], tl.float32)
+    if S > 0:  # sinks that are outside the window
+        js = tl.arange(0, BS)
+        jok = (js < S) & (js <= p - W)
+        off = (bh * S + js)[:, None] * D + rd[None, :]
+        lmask = (js < S)[:, None] & dok[None, :]
+        ks = tl.load(sink_k + off, mask=lmask, other=0.0)
+        vs = tl.load(sink_v + off, mask=lmask, other=0.0)
+        m, l, acc = _step(qt, ks, vs, jok[None, :] & gok[:, None], m, l, acc, SCALE2, PREC)
+    for r0 in range(0, W, BW):  # ring, with the new token substituted into its slot
+        r = r0 + tl.arange(0, BW)
+        off = (bh * W + r)[:, None] * D + rd[None, :]
+        lmask = (r < W)[:, None] & dok[None, :]
+        is_new = (r == slot)[:, None]
+        kr = tl.where(is_new, k_new[None, :], tl.load(ring_k + off, mask=lmask, other=0.0))
+        vr = tl.where(is_new, v_new[None, :], tl.load(ring_v + off, mask=lmask, other=0.0))
+        ok = (r < W) & (r <= p)
+        m, l, acc = _step(qt, kr, vr, ok[None, :] & gok[:, None], m, l, acc, SCALE2, PREC)
+
+    # fold the token leaving the window (j = p - W) into the linear state unless it is a sink.
+    # (Loading this state before the softmax part keeps it live across it: spills, measured slower.)
+    st_off = bh * F * D + rf[:, None] * D + rd[None, :]
+    st_mask = fok[:, None] & dok[None, :]
+    ls = tl.load(lin_s + st_off, mask=st_mask, other=0.0)
+    lz = tl.load(lin_z + bh * F + rf, mask=fok, other=0.0)
+    old_fk = tl.load(ring_fk + (bh * W + slot) * F + rf, mask=fok, other=0.0).to(tl.float32)
+    old_v = tl.load(ring_v + (bh * W + slot) * D + rd, mask=dok, other=0.0).to(tl.float32)
+    fold = ((p - W) >= S).to(tl.float32)
+    ls += fold * old_fk[:, None] * old_v[None, :]
+    lz += fold * old_fk
+    g = tl.load(gate + heads, mask=gok, other=0.5).to(tl.float32)
+    fqt = tl.load(fq + (b * H + heads)[:, None] * F + rf[None, :], mask=gok[:, None] & fok[None, :],
+                  other=0.0).to(tl.float32)
+    num = g[:, None] * acc + (1 - g)[:, None] * _dot(fqt, ls, "ieee")
+    den = tl.where(gok, g * l + (1 - g) * tl.sum(fqt * lz[None, :], 1), 1.0)
+    tl.store(o + (b * H + heads)[:, None] * D + rd[None, :], (num / den[:, None]).to(o.dtype.element_ty),
+             mask=gok[:, None] & dok[None, :])
+
+    tl.debug_barrier()  # every read of the old slot is done before it is overwritten
+    tl.store(ring_k + (bh * W + slot) * D + rd, k_new, mask=dok)
+    tl.store(ring_v + (bh * W + slot) * D + rd, v_new, mask=dok)
+    tl.store(ring_fk + (bh * W + slot) * F + rf, fk_new.to(ring_fk.dtype.element_ty), mask=fok)
+    if S > 0:
+        sink_row = (bh * S + p) * D + rd
+        is_sink = dok & ((rd * 0 + p) < S)  # tensor masks: the interpreter rejects scalar ones
+        tl.store(sink_k + sink_row, k_new.to(sink_k.dtype.element_ty), mask=is_sink)
+        tl.store(sink_v + sink_row, v_new.to(sink_v.dtype.element_ty), mask=is_sink)
+    fold_rows = fok & ((rf * 0 + p - W) >= S)
+    tl.store(lin_s + st_off, ls, mask=st_mask & fold_rows[:, None])
+    tl.store(lin_z + bh * F + rf, lz, mask=fold_rows)
+    # pos[b] += 1 by the last of the sequence's HKV programs: every program read pos before
+    # taking its ticket (acq_rel), so nobody can still need the old value
+    if tl.atomic_add(tickets + b, 1, sem="acq_rel") == HKV - 1:
+        tl.store(pos + b, p + 1)
+        tl.store(tickets + b, 0)
+
+
+_TICKETS: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+
+def _tickets(pos: torch.Tensor) -> torch.Tensor:
+    """Per-sequence arrival counters (all zero between calls), cached per device and batch.
+    Decode steps of the same batch size must not run concurrently on different streams."""
+    key = (pos.device, pos.numel())
+    if key not in _TICKETS:
+        _TICKETS[key] = torch.zeros(pos.numel(), dtype=torch.int32, device=pos.device)
+    return _TICKETS[key]
+
+
+def _check_state(state: LSWAState) -> None:
+    """The kernel indexes the state tensors as contiguous buffers."""
+    for name, t in vars(state).items():
+        if not t.is_contiguous():
+            raise ValueError(f"LSWAState.{name} must be contiguous")
+
+
+def lswa_decode_fused(q, k, v, fq, fk, gate, state: LSWAState, scale: float | None = None,
+                      num_warps: int = 4):
+    """One decode step: q [B,H,D], k/v [B,Hkv,D], fq [B,H,F], fk [B,Hkv,F]. Updates ``state``."""
+    b, h, d = q.shape
+    hkv, f = k.shape[1], fk.shape[-1]
+    scale = d ** -0.5 if scale is None else float(scale)
+    _check_state(state)
+    q, k, v, fq, fk = (x.contiguous() for x in (q, k, v, fq, fk))
+    o = _empty_like(q)
+    w, s = state.window, state.sinks
+    prec = "ieee" if state.ring_k.dtype == torch.float32 else "tf32"
+    bw = min(64, triton.next_power_of_2(w))
+    _decode_kernel[(b, hkv)](
+        q, k, v, fq, fk, gate.contiguous(), state.sink_k, state.sink_v, state.ring_k, state.ring_v,
+        state.ring_fk, state.lin_s, state.lin_z, state.pos, _tickets(state.pos), o, scale * LOG2E,
+        w, s,
+        H=h, HKV=hkv, D=d, F=f, BG=max(16, triton.next_power_of_2(h // hkv)),
+        BD=max(16, triton.next_power_of_2(d)), BF=max(16, triton.next_power_of_2(f)),
+        BW=max(16, bw), BS=max(16, triton.next_power_of_2(max(s, 1))), PREC=prec,
+        num_warps=num_warps)
+    return o

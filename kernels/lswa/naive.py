@@ -1,0 +1,157 @@
+"""Quadratic PyTorch reference for LSWA (see the package docstring for the definition).
+
+Works in any float dtype (use float64 for checks) and on any device. Everything else in
+``lbsearch.kernels.lswa`` is tested against these functions.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def _expand_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """[B, T, Hkv, X] -> [B, T, H, X], query head h reading kv head h // group."""
+    group = n_heads // x.shape[2]
+    return x.repeat_interleave(group, dim=2) if group > 1 else x
+
+
+def lswa_masks(t_q: int, t_k: int, window: int, sinks: int, offset: int = 0,
+               device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boolean (softmax, linear) masks [t_q, t_k] for queries at positions offset + arange(t_q)."""
+    i = torch.arange(t_q, device=device)[:, None] + offset
+    j = torch.arange(t_k, device=device)[None, :]
+    causal = j <= i
+    in_window = (j > i - window) & causal
+    soft = in_window | ((j < sinks) & causal)
+    lin = causal & ~soft
+    return soft, lin
+
+
+def lswa_naive(q, k, v, fq, fk, gate, window: int, sinks: int, scale: float | None = None):
+    """Full-sequence LSWA. q [B,T,H,D], k/v [B,T,Hkv,D], fq [B,T,H,F], fk [B,T,Hkv,F], gate [H]."""
+    b, t, h, d = q.shape
+    scale = d ** -0.5 if scale is None else scale
+    k, v, fk = (_expand_kv(x, h) for x in (k, v, fk))
+    soft, lin = lswa_masks(t, t, window, sinks, device=q.device)
+    scores = torch.einsum("bihd,bjhd->bhij", q, k) * scale
+    m = scores.masked_fill(~soft, float("-inf")).amax(-1, keepdim=True)
+    g = gate.to(q.dtype).view(1, h, 1, 1)
+    w_soft = g * torch.exp(scores - m).masked_fill(~soft, 0.0)
+    w_lin = (1 - g) * torch.einsum("bihf,bjhf->bhij", fq, fk).masked_fill(~lin, 0.0)
+    weights = w_soft + w_lin
+    out = torch.einsum("bhij,bjhd->bihd", weights, v)
+    return out / weights.sum(-1).transpose(1, 2)[..., None]
+
+
+@dataclass
+class LSWAState:
+    """Constant-size decode state of one LSWA layer for a batch.
+
+    sink_k/v [B, Hkv, S, D]; ring_k/v [B, Hkv, W, D] and ring_fk [B, Hkv, W, F] hold token j in
+    slot j % W; lin_s [B, Hkv, F, D] and lin_z [B, Hkv, F] (float32) sum fk (x) v over tokens that
+    left the window (sinks excluded); pos [B] counts tokens seen.
+    """
+
+    sink_k: torch.Tensor
+    sink_v: torch.Tensor
+    ring_k: torch.Tensor
+    ring_v: torch.Tensor
+    ring_fk: torch.Tensor
+    lin_s: torch.Tensor
+    lin_z: torch.Tensor
+    pos: torch.Tensor
+
+    @classmethod
+    def empty(cls, batch, kv_heads, head_dim, feature_dim, window, sinks, dtype, device):
+        def z(*shape, dt=dtype):
+            return torch.zeros(*shape, dtype=dt, device=device)
+
+        return cls(
+            z(batch, kv_heads, sinks, head_dim), z(batch, kv_heads, sinks, head_dim),
+            z(batch, kv_heads, window, head_dim), z(batch, kv_heads, window, head_dim),
+            z(batch, kv_heads, window, feature_dim),
+            z(batch, kv_heads, feature_dim, head_dim, dt=torch.float32),
+            z(batch, kv_heads, feature_dim, dt=torch.float32),
+            torch.zeros(batch, dtype=torch.long, device=device),
+        )
+
+    @property
+    def window(self) -> int:
+        return self.ring_k.shape[2]
+
+    @property
+    def sinks(self) -> int:
+        return self.sink_k.shape[2]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in vars(self).values())
+
+
+def lswa_decode_naive(q, k, v, fq, fk, gate, state: LSWAState, scale: float | None = None):
+    """One decode step: q [B,H,D], k/v [B,Hkv,D], fq [B,H,F], fk [B,Hkv,F]. Updates ``state``."""
+    b, h, d = q.shape
+    hkv = k.shape[1]
+    w, s = state.window, state.sinks
+    scale = d ** -0.5 if scale is None else scale
+    p = state.pos  # [B]
+    bi = torch.arange(b, device=q.device)
+    slot = p % w
+    # The token leaving the window (j = p - w) is folded into the linear state unless it is a sink.
+    leaving = ((p - w) >= s).to(torch.float32).view(b, 1, 1)
+    old_fk = state.ring_fk[bi, :, slot].float()  # [B, Hkv, F]
+    old_v = state.ring_v[bi, :, slot].float()
+    state.lin_s += leaving[..., None] * old_fk[..., :, None] * old_v[..., None, :]
+    state.lin_z += leaving * old_fk
+    state.ring_k[bi, :, slot] = k.to(state.ring_k.dtype)
+    state.ring_v[bi, :, slot] = v.to(state.ring_v.dtype)
+    state.ring_fk[bi, :, slot] = fk.to(state.ring_fk.dtype)
+    is_sink = p < s
+    if bool(is_sink.any()):
+        sb = bi[is_sink]
+        state.sink_k[sb, :, p[is_sink]] = k[is_sink].to(state.sink_k.dtype)
+        state.sink_v[sb, :, p[is_sink]] = v[is_sink].to(state.sink_v.dtype)
+
+    r = torch.arange(w, device=q.device)
+    tok = p[:, None] - torch.remainder(p[:, None] - r[None], w)  # [B, W] token held by slot r
+    ring_ok = tok >= 0
+    t_idx = torch.arange(s, device=q.device)
+    sink_ok = t_idx[None] <= (p[:, None] - w)  # sinks outside the window
+    keys = torch.cat([state.sink_k, state.ring_k], 2)  # [B, Hkv, S+W, D]
+    vals = torch.cat([state.sink_v, state.ring_v], 2)
+    ok = torch.cat([sink_ok, ring_ok], 1)[:, None, None, :]  # [B,1,1,S+W]
+    group = h // hkv
+    qg = q.view(b, hkv, group, d).to(keys.dtype)
+    scores = torch.einsum("bhgd,bhnd->bhgn", qg, keys) * scale
+    scores = scores.masked_fill(~ok, float("-inf"))
+    m = scores.amax(-1, keepdim=True)
+    e = torch.exp(scores - m)
+    gq = gate.view(1, hkv, group, 1).to(torch.float32)
+    num = gq * torch.einsum("bhgn,bhnd->bhgd", e, vals).float()
+    den = gq * e.float().sum(-1, keepdim=True)
+    fqg = fq.view(b, hkv, group, -1).float()
+    num = num + (1 - gq) * torch.einsum("bhgf,bhfd->bhgd", fqg, state.lin_s)
+    den = den + (1 - gq) * torch.einsum("bhgf,bhf->bhg", fqg, state.lin_z)[..., None]
+    state.pos += 1
+    return (num / den).view(b, h, d).to(q.dtype)
+
+
+def lswa_state_from_prefill(k, v, fk, window: int, sinks: int, state_dtype=None) -> LSWAState:
+    """Decode state after consuming k/v/fk [B, T, Hkv, *] from position 0."""
+    b, t, hkv, d = k.shape
+    f = fk.shape[-1]
+    st = LSWAState.empty(b, hkv, d, f, window, sinks, state_dtype or k.dtype, k.device)
+    n_s = min(sinks, t)
+    st.sink_k[:, :, :n_s] = k[:, :n_s].transpose(1, 2)
+    st.sink_v[:, :, :n_s] = v[:, :n_s].transpose(1, 2)
+    start = max(0, t - window)
+    j = torch.arange(start, t, device=k.device)
+    st.ring_k[:, :, j % window] = k[:, start:].transpose(1, 2).to(st.ring_k.dtype)
+    st.ring_v[:, :, j % window] = v[:, start:].transpose(1, 2).to(st.ring_v.dtype)
+    st.ring_fk[:, :, j % window] = fk[:, start:].transpose(1, 2).to(st.ring_fk.dtype)
+    if start > sinks:
+        fk_old = fk[:, sinks:start].float()
+        st.lin_s += torch.einsum("bthf,bthd->bhfd", fk_old, v[:, sinks:start].float())
+        st.lin_z += fk_old.sum(1)
+    st.pos.fill_(t)
+    return st

@@ -1,0 +1,78 @@
+"""Public LSWA entry points with backend dispatch.
+
+``backend``: "torch" (the naive reference), "triton" (chunk.py / fused_recurrent.py) or "auto"
+(Triton when the tensors are on CUDA and Triton imports, else torch). With ``backend=None`` the
+environment variable ``LBSEARCH_LSWA_BACKEND`` decides, defaulting to "auto".
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, NamedTuple
+
+import torch
+
+from .naive import LSWAState, lswa_decode_naive, lswa_naive, lswa_state_from_prefill
+
+ENV_VAR = "LBSEARCH_LSWA_BACKEND"
+
+
+class Backend(NamedTuple):
+    prefill: Callable
+    decode: Callable
+
+
+def _torch_prefill(q, k, v, fq, fk, gate, window, sinks, scale, return_state):
+    out = lswa_naive(q, k, v, fq, fk, gate, window, sinks, scale)
+    if not return_state:
+        return out
+    return out, lswa_state_from_prefill(k.detach(), v.detach(), fk.detach(), window, sinks)
+
+
+def _triton_prefill(q, k, v, fq, fk, gate, window, sinks, scale, return_state):
+    from .chunk import lswa_chunk
+
+    return lswa_chunk(q, k, v, fq, fk, gate, window, sinks, scale, return_state=return_state)
+
+
+def _triton_decode(q, k, v, fq, fk, gate, state, scale):
+    from .fused_recurrent import lswa_decode_fused
+
+    return lswa_decode_fused(q, k, v, fq, fk, gate, state, scale)
+
+
+BACKENDS: dict[str, Backend] = {
+    "torch": Backend(_torch_prefill, lswa_decode_naive),
+    "triton": Backend(_triton_prefill, _triton_decode),
+}
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(backend: str | None, device: torch.device) -> str:
+    """Name of the backend to use for tensors on ``device``."""
+    name = (backend or os.environ.get(ENV_VAR) or "auto").lower()
+    if name == "auto":
+        name = "triton" if device.type == "cuda" and _triton_available() else "torch"
+    if name not in BACKENDS:
+        raise ValueError(f"unknown LSWA backend {name!r}; choose from auto, {', '.join(BACKENDS)}")
+    return name
+
+
+def lswa(q, k, v, fq, fk, gate, window: int, sinks: int, scale: float | None = None,
+         backend: str | None = None, return_state: bool = False):
+    """LSWA over a sequence (see the package docstring); optionally also the decode state."""
+    impl = BACKENDS[resolve_backend(backend, q.device)]
+    return impl.prefill(q, k, v, fq, fk, gate, window, sinks, scale, return_state)
+
+
+def lswa_decode(q, k, v, fq, fk, gate, state: LSWAState, scale: float | None = None,
+                backend: str | None = None):
+    """One decode step for a batch; updates ``state`` in place and returns q's-shaped output."""
+    impl = BACKENDS[resolve_backend(backend, q.device)]
+    return impl.decode(q, k, v, fq, fk, gate, state, scale)

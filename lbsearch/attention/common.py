@@ -1,0 +1,50 @@
+"""What every attention kind shares: q/k/v projection with the layer's own weights and RoPE,
+and finding this layer's entry in a transformers ``Cache``."""
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+def project_qkv(attn, hidden_states: torch.Tensor, position_embeddings):
+    """q [B,T,H,D], k and v [B,T,Hkv,D] from a Llama/Mistral/Qwen2/Qwen3 attention module.
+
+    Applies the per-head q/k norms where the family has them (Qwen3) and RoPE from the model's
+    ``(cos, sin)``, exactly as the original module does before its softmax.
+    """
+    b, t, _ = hidden_states.shape
+    d = attn.head_dim
+    q = attn.q_proj(hidden_states).view(b, t, -1, d)
+    k = attn.k_proj(hidden_states).view(b, t, -1, d)
+    v = attn.v_proj(hidden_states).view(b, t, -1, d)
+    if getattr(attn, "q_norm", None) is not None:
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    cos, sin = (x.unsqueeze(2) for x in position_embeddings)
+    q = q * cos + rotate_half(q) * sin
+    k = k * cos + rotate_half(k) * sin
+    return q, k, v
+
+
+def pick_cache(kwargs: dict):
+    """The cache argument, named ``cache`` in newer transformers and ``past_key_values`` before."""
+    cache = kwargs.get("cache")
+    return cache if cache is not None else kwargs.get("past_key_values")
+
+
+def cache_layer(cache, layer_idx: int, layer_cls, **init):
+    """This layer's entry in ``cache``, replaced by a ``layer_cls`` if it is another type.
+
+    ``generate()`` builds a default cache of full KV layers; lswa and none layers swap their
+    entry on first use, so ``generate()`` works on a modified model without extra arguments.
+    """
+    while len(cache.layers) <= layer_idx:
+        cache.layers.append(DynamicLayer())
+    layer = cache.layers[layer_idx]
+    if not isinstance(layer, layer_cls):
+        layer = cache.layers[layer_idx] = layer_cls(**init)
+    return layer

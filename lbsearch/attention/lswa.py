@@ -1,0 +1,137 @@
+"""``lswa``: linear sliding-window attention with attention sinks (definition in lbsearch.kernels.lswa).
+
+Reuses the layer's own q/k/v/o projections and RoPE. New parameters: a Hedgehog-style feature
+map per KV head, ``phi(x) = [softmax(xW), softmax(-xW)]``, and a per-query-head gate that weighs
+the exact softmax part (window + sinks) against the linear part.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from transformers.cache_utils import CacheLayerMixin
+
+from ..kernels.lswa import ops
+from ..plan import LayerSpec
+from .common import cache_layer, pick_cache, project_qkv
+
+# sigmoid(4) = 0.982: untrained LSWA is mostly window + sinks softmax (StreamingLLM), with a small
+# linear share that the per-layer transfer then learns to use.
+GATE_INIT_LOGIT = 4.0
+
+
+class HedgehogFeatureMap(nn.Module):
+    """phi(x) = [softmax(x W_h), softmax(-x W_h)] with one W_h [D, F/2] per KV head (shared by its group)."""
+
+    def __init__(self, kv_heads: int, head_dim: int, feature_dim: int):
+        super().__init__()
+        half = feature_dim // 2
+        weight = torch.zeros(kv_heads, head_dim, half)
+        idx = torch.arange(max(head_dim, half))
+        weight[:, idx % head_dim, idx % half] = 1.0  # identity-like start: softmax over coordinates of x
+        self.weight = nn.Parameter(weight / math.sqrt(math.sqrt(head_dim)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, h, d = x.shape
+        kv = self.weight.shape[0]
+        dt = torch.promote_types(x.dtype, torch.float32)  # low-precision inputs: features in fp32
+        z = torch.einsum("btkgd,kdf->btkgf", x.to(dt).view(b, t, kv, h // kv, d), self.weight.to(dt))
+        return torch.cat([z.softmax(-1), (-z).softmax(-1)], -1).view(b, t, h, -1)
+
+
+class LSWACacheLayer(CacheLayerMixin):
+    """Constant-size decode state (sinks, ring buffer of the window, linear state) in a transformers Cache."""
+
+    is_sliding = False
+
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.state = None  # lbsearch.kernels.lswa.LSWAState after prefill
+        self.seen = 0
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        raise RuntimeError("LSWA layers keep their own state; they do not take key/value updates")
+
+    def get_mask_sizes(self, query_length: int, *args) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.state, self.seen = None, 0
+
+    def _index(self, fn) -> None:
+        if self.state is not None:
+            for name, value in vars(self.state).items():
+                setattr(self.state, name, fn(value))
+
+    def reorder_cache(self, beam_idx) -> None:
+        self._index(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_select_indices(self, indices) -> None:
+        self._index(lambda t: t[indices])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._index(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def nbytes(self) -> int:
+        return 0 if self.state is None else self.state.nbytes()
+
+
+class LSWAttention(nn.Module):
+    """Drop-in replacement for a decoder layer's ``self_attn``."""
+
+    kind = "lswa"
+
+    def __init__(self, base: nn.Module, spec: LayerSpec):
+        super().__init__()
+        self.base = base
+        self.layer_idx = base.layer_idx
+        self.head_dim = base.head_dim
+        self.window, self.sinks, self.feature_dim = spec.window, spec.sinks, spec.feature_dim
+        n_heads = base.q_proj.out_features // base.head_dim
+        kv_heads = base.k_proj.out_features // base.head_dim
+        like = dict(device=base.q_proj.weight.device, dtype=base.q_proj.weight.dtype)
+        self.feature_map = HedgehogFeatureMap(kv_heads, base.head_dim, spec.feature_dim).to(**like)
+        self.gate_logit = nn.Parameter(torch.full((n_heads,), GATE_INIT_LOGIT, **like))
+        self.backend: str | None = None  # None: ops' automatic choice (Triton on CUDA)
+
+    def new_parameters(self) -> dict[str, nn.Parameter]:
+        """The parameters LSWA adds to the layer (trained by transfer and healing)."""
+        return {"feature_map.weight": self.feature_map.weight, "gate_logit": self.gate_logit}
+
+    def attend(self, q, k, v, cache=None) -> torch.Tensor:
+        """LSWA over projected q [B,T,H,D], k/v [B,T,Hkv,D]; uses and fills ``cache`` when given."""
+        fq, fk = self.feature_map(q), self.feature_map(k)
+        gate = torch.sigmoid(self.gate_logit)
+        scale = getattr(self.base, "scaling", self.head_dim ** -0.5)
+        args = dict(gate=gate, scale=scale, backend=self.backend)
+        if cache is None:
+            return ops.lswa(q, k, v, fq, fk, window=self.window, sinks=self.sinks, **args)
+        layer = cache_layer(cache, self.layer_idx, LSWACacheLayer)
+        if layer.state is None:
+            out, layer.state = ops.lswa(q, k, v, fq, fk, window=self.window, sinks=self.sinks,
+                                        return_state=True, **args)
+        else:
+            steps = [ops.lswa_decode(q[:, t], k[:, t], v[:, t], fq[:, t], fk[:, t], state=layer.state, **args)
+                     for t in range(q.shape[1])]
+            out = torch.stack(steps, 1)
+        layer.seen += q.shape[1]
+        return out
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings=None, *args, **kwargs):
+        q, k, v = project_qkv(self.base, hidden_states, position_embeddings)
+        out = self.attend(q, k, v, pick_cache(kwargs)).to(hidden_states.dtype)
+        return self.base.o_proj(out.flatten(2)), None
+
+
+def build(attn: nn.Module, spec: LayerSpec) -> nn.Module:
+    return LSWAttention(attn, spec)

@@ -1,0 +1,186 @@
+"""Corpora through ``datasets``: teacher-generated text (default, data-free), local files or hub
+names; deterministic train / calibration / held-out splits; token blocks of fixed length."""
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .errors import LBSearchError
+from .io import cache_dir, stable_hash
+from .space import DataConfig
+
+SPLITS = ("train", "calibration", "heldout")
+
+# Fixed seed prompts for data-free distillation: varied tasks so the teacher shows its range.
+SEED_PROMPTS = (
+    "Explain how a hash table works and when it is a poor choice.",
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "What are the main causes of inflation? Give examples.",
+    "Describe the water cycle to a ten-year-old.",
+    "Write a Python function that checks whether a string is a palindrome, and explain it.",
+    "Summarise the plot of a heist film you invent, in one paragraph.",
+    "Give me five tips for staying focused while studying.",
+    "How does photosynthesis turn light into chemical energy?",
+    "Compare renting and buying a home: list pros and cons.",
+    "Write an email asking a colleague to review a report by Friday.",
+    "What is the difference between weather and climate?",
+    "Explain recursion with an example in JavaScript.",
+    "Describe a typical day of a medieval blacksmith.",
+    "How do vaccines train the immune system?",
+    "Write a haiku sequence about the four seasons.",
+    "What should I pack for a three-day hiking trip?",
+    "Explain the rules of chess for a complete beginner.",
+    "Why is the sky blue? Give the physics.",
+    "Write a product description for a solar-powered backpack.",
+    "List the planets of the solar system with one fact about each.",
+    "How does a bill become law in a parliamentary democracy?",
+    "Explain what a neural network is without using jargon.",
+    "Write a recipe for a vegetarian lasagna.",
+    "What are good habits for writing maintainable code?",
+    "Describe the causes and effects of the French Revolution.",
+    "Explain compound interest with a numeric example.",
+    "Write a dialogue between a cat and a dog about sharing a sofa.",
+    "How do airplanes stay in the air?",
+    "Give advice to someone starting their first job.",
+    "Explain SQL joins with small example tables.",
+    "Describe how the internet routes a message from one computer to another.",
+    "What is the theory of evolution by natural selection?",
+)
+
+
+def _save_dataset_atomic(ds, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    ds.save_to_disk(str(tmp))
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+
+
+@torch.no_grad()
+def teacher_corpus(model, tokenizer, n_tokens: int, seed: int = 0, max_new_tokens: int = 256,
+                   batch_size: int = 16):
+    """Text sampled from the teacher on the seed prompts (chat template applied), cached on disk.
+
+    Keyed by the model, seed, size and prompts, so any change regenerates it.
+    """
+    from datasets import Dataset, load_from_disk
+
+    key = stable_hash(getattr(model, "lbsearch_key", "model"), seed, n_tokens, max_new_tokens, SEED_PROMPTS)
+    path = cache_dir("corpora") / f"teacher-{key}"
+    if (path / "dataset_info.json").is_file():
+        return load_from_disk(str(path))
+    texts, total, step = [], 0, 0
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    bar = tqdm(total=n_tokens, desc="teacher corpus", unit="tok")
+    while total < n_tokens:
+        prompts = [SEED_PROMPTS[(step * batch_size + i) % len(SEED_PROMPTS)] for i in range(batch_size)]
+        chats = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                               add_generation_prompt=True) for p in prompts]
+        ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in chats]
+        width = max(map(len, ids))
+        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
+        torch.manual_seed(seed * 100003 + step)
+        out = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=True, temperature=0.8,
+                             top_p=0.95, max_new_tokens=max_new_tokens, pad_token_id=pad)
+        for row, prompt_len in zip(out, (len(x) for x in ids)):
+            new = row[width:]
+            keep = new[new != pad] if pad != tokenizer.eos_token_id else new[: _until_eos(new, pad)]
+            texts.append(tokenizer.decode(row[width - prompt_len:width].tolist() + keep.tolist()))
+            total += prompt_len + len(keep)
+        bar.update(min(total, n_tokens) - bar.n)
+        step += 1
+    bar.close()
+    ds = Dataset.from_dict({"text": texts})
+    _save_dataset_atomic(ds, path)
+    return ds
+
+
+def _until_eos(tokens: torch.Tensor, eos: int) -> int:
+    hits = (tokens == eos).nonzero()
+    return int(hits[0]) + 1 if len(hits) else len(tokens)
+
+
+_LOCAL_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+def file_corpus(source: str, text_field: str = "text"):
+    """A local file or folder (.txt, .json, .jsonl, .parquet), or a hub dataset name."""
+    from datasets import load_dataset
+
+    path = Path(source)
+    if path.exists():
+        files = sorted(p for p in (path.rglob("*") if path.is_dir() else [path]) if p.suffix in _LOCAL_BUILDERS)
+        if not files:
+            raise LBSearchError(f"{source}: no .txt, .json, .jsonl or .parquet files")
+        builders = {_LOCAL_BUILDERS[p.suffix] for p in files}
+        if len(builders) > 1:
+            raise LBSearchError(f"{source}: mixes file types {sorted(builders)}; use one type")
+        builder = builders.pop()
+        extra = {"sample_by": "paragraph"} if builder == "text" else {}
+        ds = load_dataset(builder, data_files=[str(p) for p in files], split="train", **extra)
+    else:
+        try:
+            ds = load_dataset(source, split="train")
+        except Exception as exc:  # offline or unknown name: one line, not a traceback
+            raise LBSearchError(f"data.source {source!r}: not a local path and not loadable from the hub "
+                                f"({type(exc).__name__})") from None
+    if text_field not in ds.column_names:
+        raise LBSearchError(f"{source}: no column {text_field!r} (columns: {', '.join(ds.column_names)}); "
+                            "set data.text_field")
+    if text_field != "text":
+        ds = ds.rename_column(text_field, "text")
+    return ds.select_columns(["text"]).filter(lambda r: bool(r["text"] and r["text"].strip()))
+
+
+def load_corpus(cfg: DataConfig, model=None, tokenizer=None):
+    if cfg.source == "teacher":
+        if model is None or tokenizer is None:
+            raise LBSearchError("data.source 'teacher' needs the teacher model and tokenizer")
+        return teacher_corpus(model, tokenizer, cfg.corpus_tokens, cfg.seed)
+    return file_corpus(cfg.source, cfg.text_field)
+
+
+def _bucket(index: int, seed: int) -> float:
+    digest = hashlib.sha256(f"{seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def split_corpus(ds, cfg: DataConfig) -> dict:
+    """Deterministic split by a hash of (seed, document index): same corpus and seed, same split."""
+    u = [_bucket(i, cfg.seed) for i in range(len(ds))]
+    held, cal = cfg.heldout_fraction, cfg.heldout_fraction + cfg.calibration_fraction
+    names = ["heldout" if x < held else "calibration" if x < cal else "train" for x in u]
+    splits = {s: ds.select([i for i, n in enumerate(names) if n == s]) for s in SPLITS}
+    for name, part in splits.items():
+        if len(part) == 0:
+            raise LBSearchError(f"corpus too small: split {name!r} is empty ({len(ds)} documents); "
+                                "give more data (data.corpus_tokens)")
+    return splits
+
+
+def pack_blocks(ds, tokenizer, seq_len: int, max_tokens: int | None = None) -> torch.Tensor:
+    """Tokenise, join documents with EOS and cut into [N, seq_len] blocks (the remainder is dropped)."""
+    eos = tokenizer.eos_token_id
+    stream: list[int] = []
+    limit = None if max_tokens is None else max(max_tokens, seq_len)
+    for text in ds["text"]:
+        stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        stream.append(eos)
+        if limit is not None and len(stream) >= limit:
+            break
+    n = len(stream) // seq_len
+    if limit is not None:
+        n = min(n, limit // seq_len)
+    if n == 0:
+        raise LBSearchError(f"not enough text for one block of {seq_len} tokens ({len(stream)} tokens)")
+    return torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def blocks_hash(blocks: torch.Tensor) -> str:
+    return hashlib.sha256(blocks.cpu().numpy().tobytes()).hexdigest()[:12]

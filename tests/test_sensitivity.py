@@ -1,0 +1,37 @@
+import pytest
+import torch
+from conftest import tiny_model
+
+from lbsearch import LayerSpec
+from lbsearch.evaluate import teacher_logits
+from lbsearch.sensitivity import SensitivityTable, sensitivity, sensitivity_naive
+
+SPECS = {"lswa": LayerSpec(kind="lswa", window=4, sinks=1, feature_dim=8), "none": LayerSpec(kind="none")}
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_reuse_equals_naive(family):
+    model = tiny_model(family, layers=5)
+    x = torch.randint(0, 96, (3, 20), generator=torch.Generator().manual_seed(6))
+    teacher = teacher_logits(model, x, use_cache=False)
+    fast = sensitivity(model, x, teacher, SPECS, batch_size=2, progress=False)
+    slow = sensitivity_naive(model, x, teacher, SPECS, batch_size=2, progress=False)
+    for kind in SPECS:
+        for metric in ("kl", "perplexity", "agreement"):
+            a, b = torch.tensor(fast.column(kind, metric)), torch.tensor(slow.column(kind, metric))
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-7), (kind, metric)
+    assert all(v > 0 for v in fast.column("none"))
+    assert fast.base.kl < 1e-6
+
+
+def test_table_outputs(tmp_path):
+    model = tiny_model("llama", layers=3)
+    x = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(7))
+    table = sensitivity(model, x, teacher_logits(model, x, use_cache=False), SPECS, progress=False)
+    paths = table.save(tmp_path)
+    assert SensitivityTable.load(paths["json"]).to_dict() == table.to_dict()
+    csv_lines = paths["csv"].read_text().strip().splitlines()
+    assert csv_lines[0].startswith("layer,lswa_kl") and len(csv_lines) == 4
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = table.render()
+    assert "none KL" in text and len(text.splitlines()) == 2 + 3
