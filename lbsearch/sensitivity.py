@@ -152,3 +152,20 @@ def sensitivity_naive(model, blocks: torch.Tensor, teacher: TeacherLogits, specs
     bar.close()
     return SensitivityTable(model=getattr(model, "lbsearch_key", "model"), tokens=blocks.numel(), base=base,
                             specs=dict(specs), rows=rows)
+
+
+def threshold_plan(table: SensitivityTable, n_none: int, n_lswa: int, lswa: LayerSpec | None = None,
+                   pinned: tuple[int, ...] = ()) -> Plan:
+    """The paper's heuristic: the ``n_none`` layers least hurt by removal lose attention, then the
+    ``n_lswa`` least hurt by linearisation become lswa; the rest (and ``pinned``) stay softmax."""
+    lswa = lswa or table.specs["lswa"]
+    free = [i for i in range(table.n_layers) if i not in pinned]
+    removed = sorted(free, key=lambda i: table.rows["none"][i].kl)[:n_none]
+    rest = [i for i in free if i not in removed]
+    linear = sorted(rest, key=lambda i: table.rows["lswa"][i].kl)[:n_lswa]
+    plan = Plan.softmax(table.n_layers)
+    for i in removed:
+        plan = plan.with_layer(i, LayerSpec(kind="none"))
+    for i in linear:
+        plan = plan.with_layer(i, lswa)
+    return plan

@@ -35,3 +35,20 @@ def test_table_outputs(tmp_path):
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = table.render()
     assert "none KL" in text and len(text.splitlines()) == 2 + 3
+
+
+def test_threshold_plan_follows_the_table():
+    from lbsearch.evaluate import Quality
+    from lbsearch.sensitivity import threshold_plan
+
+    def q(kl):
+        return Quality(kl=kl, perplexity=1.0, agreement=1.0, tokens=1)
+
+    table = SensitivityTable(model="m", tokens=1, base=q(0), specs=SPECS, rows={
+        "lswa": [q(x) for x in (0.9, 0.1, 0.5, 0.2, 0.3, 0.05)],
+        "none": [q(x) for x in (0.01, 2.0, 0.3, 0.02, 1.0, 0.9)],
+    })
+    plan = threshold_plan(table, n_none=2, n_lswa=2, pinned=(0,))
+    # layer 0 pinned; removal least harmful: 3 (0.02), 2 (0.3); then lswa least harmful of 1, 4, 5: 5, 1
+    assert [s.kind for s in plan.layers] == ["softmax", "lswa", "none", "none", "softmax", "lswa"]
+    assert plan[1] == SPECS["lswa"]
