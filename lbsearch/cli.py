@@ -56,6 +56,19 @@ def load_context(args):
     return space, ref, model, tokenizer, splits
 
 
+def open_library(args, model, tokenizer, splits, space):
+    """The block library named by ``--library`` (default: in the cache), keyed by the calibration data."""
+    from .data import blocks_hash, pack_blocks
+    from .distill import BlockLibrary, TransferConfig
+    from .io import cache_dir
+
+    calibration = pack_blocks(splits["calibration"], tokenizer, space.data.seq_len,
+                              max_tokens=space.budgets.calibration_tokens)
+    root = Path(args.library) if getattr(args, "library", None) else cache_dir("libraries", model.lbsearch_key)
+    config = TransferConfig(steps=getattr(args, "transfer_steps", None) or TransferConfig().steps)
+    return BlockLibrary(root, model.lbsearch_key, blocks_hash(calibration), config), calibration
+
+
 def cmd_sensitivity(args) -> None:
     from .data import pack_blocks
     from .evaluate import teacher_logits
@@ -67,8 +80,14 @@ def cmd_sensitivity(args) -> None:
     blocks = pack_blocks(splits["heldout"], tokenizer, space.data.seq_len, max_tokens=tokens)
     teacher = teacher_logits(model, blocks)
     specs = {"lswa": space.default_lswa(), "none": LayerSpec(kind="none")}
+    libraries = {}
+    if args.library:
+        library, calibration = open_library(args, model, tokenizer, splits, space)
+        library.ensure(model, [(i, specs["lswa"]) for i in range(model.config.num_hidden_layers)], calibration)
+        specs["lswa_trained"] = specs["lswa"]
+        libraries["lswa_trained"] = library
     start = time.perf_counter()
-    table = (sensitivity_naive if args.naive else sensitivity)(model, blocks, teacher, specs)
+    table = (sensitivity_naive if args.naive else sensitivity)(model, blocks, teacher, specs, libraries=libraries)
     elapsed = time.perf_counter() - start
     print(table.render())
     paths = table.save(_out_dir(args, ref, "sensitivity"))
@@ -82,10 +101,131 @@ def _sensitivity_args(p: argparse.ArgumentParser) -> None:
     _common(p)
     p.add_argument("--tokens", type=int, help="held-out tokens (default: budgets.sensitivity_tokens)")
     p.add_argument("--naive", action="store_true", help="full forward per changed layer (the slow reference)")
+    p.add_argument("--library", metavar="DIR", help="block library: add an lswa_trained column with trained blocks "
+                   "(missing blocks are trained first)")
+    p.add_argument("--transfer-steps", type=int, help="per-layer transfer steps for missing blocks (default 300)")
 
 
 cmd_sensitivity.add_args = _sensitivity_args
 command("sensitivity", "per-layer quality drop for lswa and none (table, CSV/JSON, heatmap)")(cmd_sensitivity)
+
+
+def cmd_heal(args) -> None:
+    from .data import pack_blocks
+    from .distill import HealConfig, heal_plan
+    from .evaluate import teacher_logits
+    from .plan import resolve_plan
+
+    space, ref, model, tokenizer, splits = load_context(args)
+    plan = resolve_plan(args.plan, space.lswa_defaults).check(model.config.num_hidden_layers, args.plan)
+    on_gpu = next(model.parameters()).is_cuda
+    tokens = args.tokens or (space.budgets.healing_tokens if on_gpu else space.budgets.healing_tokens_cpu)
+    seq = space.data.seq_len
+    train = pack_blocks(splits["train"], tokenizer, seq)
+    heldout = pack_blocks(splits["heldout"], tokenizer, seq, max_tokens=space.budgets.eval_tokens)
+    library, calibration = open_library(args, model, tokenizer, splits, space)
+    cfg = HealConfig(tokens=tokens, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+                     lora_rank=args.lora_rank, lora_mlp=args.lora_mlp, checkpoint_tokens=args.checkpoint_tokens,
+                     temperature=args.temperature, ce_weight=args.ce_weight, attn_mse_weight=args.attn_mse_weight)
+    out = _out_dir(args, ref, f"heal-{plan.key}")
+    report = heal_plan(model, plan, library, calibration, train, heldout, teacher_logits(model, heldout), cfg, out,
+                       resume=not args.no_resume)
+    print(f"plan {plan} ({plan.count('softmax')} softmax, {plan.count('lswa')} lswa, {plan.count('none')} none)")
+    print(f"{'':8} {'KL':>8} {'ppl':>9} {'agree':>7}")
+    for name in ("teacher", "before", "after"):
+        q = report[name]
+        print(f"{name:8} {q['kl']:8.4f} {q['perplexity']:9.3f} {q['agreement']:7.3f}")
+    print(f"healed on {report['tokens']} tokens in {report['seconds']:.1f} s ({report['tokens_per_s']:.0f} tok/s)")
+    print(f"wrote healed model: {out / 'healed'} (load with lbsearch.distill.load_healed)")
+    print(f"block library: {library.root}")
+
+
+def _heal_args(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    p.add_argument("--plan", required=True, help="plan string (e.g. SSL64N...) or plan file (.json/.yaml)")
+    p.add_argument("--tokens", type=int, help="healing budget in tokens (default: budgets.healing_tokens on GPU, "
+                   "budgets.healing_tokens_cpu on CPU)")
+    p.add_argument("--library", metavar="DIR", help="block library folder (default: in the cache)")
+    p.add_argument("--transfer-steps", type=int, help="per-layer transfer steps for missing blocks (default 300)")
+    p.add_argument("--batch-size", type=int, default=4, help="blocks per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the LSWA parameters")
+    p.add_argument("--lora-rank", type=int, default=16, help="LoRA rank on attention projections (0: none)")
+    p.add_argument("--lora-mlp", action="store_true", help="LoRA on the MLP projections too")
+    p.add_argument("--temperature", type=float, default=1.0, help="distillation temperature")
+    p.add_argument("--ce-weight", type=float, default=0.0, help="weight of cross-entropy on the data")
+    p.add_argument("--attn-mse-weight", type=float, default=0.0, help="weight of per-layer attention-output MSE")
+    p.add_argument("--checkpoint-tokens", type=int, default=1_000_000, help="checkpoint every N tokens")
+    p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints in --out")
+
+
+cmd_heal.add_args = _heal_args
+command("heal", "heal a plan: per-layer transfer into the block library, then distillation from the teacher")(cmd_heal)
+
+
+def _bench_model(args):
+    """(name, model) for bench: a built-in shape or the teacher, with random weights when asked."""
+    import torch
+
+    from .bench import SHAPES, random_model
+
+    device = _device(args.device)
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if args.shape:
+        if args.shape not in SHAPES:
+            raise LBSearchError(f"--shape {args.shape!r}: choose from {', '.join(SHAPES)}")
+        return args.shape, random_model(args.shape, dtype, device)
+    from .models import load_teacher
+    from .space import load_space
+
+    ref = args.model or load_space(args.space).model
+    model = load_teacher(ref, dtype=dtype, device=device)
+    if args.random_weights:
+        model = random_model(model.config, dtype, device)
+    return ref, model
+
+
+def cmd_bench(args) -> None:
+    from .bench import bandwidth_floor, calibrate_from_rows, model_shape, render, sweep, write_results
+    from .cost import measure_machine
+    from .plan import resolve_plan
+
+    if min(args.concurrency) < 1 or args.prompt_len < 1 or args.output_len < 2:
+        raise LBSearchError("--concurrency, --prompt-len must be >= 1 and --output-len >= 2")
+    name, model = _bench_model(args)
+    shape = model_shape(model)
+    plans = [resolve_plan(p).check(shape.layers, p) for p in args.plans or []]
+    budget = int(args.memory_budget * 2**30) if args.memory_budget else None
+    rows, tables = sweep(model, plans, args.concurrency, args.prompt_len, args.output_len,
+                         repeats=args.repeats, budget_bytes=budget)
+    bw = measure_machine(str(model.lm_head.weight.device)).bandwidth
+    rows += [bandwidth_floor(shape, b, args.prompt_len, args.output_len, bw) for b in args.concurrency]
+    if args.calibrate:
+        for batch, table in calibrate_from_rows(tables, rows).items():
+            print(f"calibrated cost table (batch {batch}): {table.notes['path']}")
+    print(render(rows))
+    meta = {"model": name, "device": tables[args.concurrency[0]].device, "prompt_len": args.prompt_len,
+            "output_len": args.output_len, "cost_source": {b: t.source for b, t in tables.items()},
+            "title": f"{Path(name).name}: prompt {args.prompt_len}, output {args.output_len}"}
+    for kind, path in write_results(_out_dir(args, name, "bench"), "bench", rows, meta).items():
+        print(f"wrote {kind}: {path}")
+
+
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    p.add_argument("--plans", nargs="+", metavar="PLAN", help="plan strings or files (the base is always included)")
+    p.add_argument("--concurrency", nargs="+", type=int, default=[1, 50, 100, 200], metavar="N")
+    p.add_argument("--prompt-len", type=int, default=1024)
+    p.add_argument("--output-len", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=3, help="decode repeats (median)")
+    p.add_argument("--memory-budget", type=float, metavar="GB", help="for max concurrency (default: device memory)")
+    p.add_argument("--calibrate", action="store_true", help="refit the cost model to these measurements")
+    p.add_argument("--random-weights", action="store_true", help="benchmark the model's shape with random weights")
+    p.add_argument("--shape", metavar="NAME", help="a built-in shape with random weights: llama-3.2-1b, smollm2-135m")
+
+
+cmd_bench.add_args = _bench_args
+command("bench", "decode throughput of plans vs the base at several concurrencies (table, CSV/JSON, plot)")(cmd_bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

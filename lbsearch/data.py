@@ -61,22 +61,13 @@ def _save_dataset_atomic(ds, path: Path) -> None:
 
 
 @torch.no_grad()
-def teacher_corpus(model, tokenizer, n_tokens: int, seed: int = 0, max_new_tokens: int = 256,
-                   batch_size: int = 16):
-    """Text sampled from the teacher on the seed prompts (chat template applied), cached on disk.
-
-    Keyed by the model, seed, size and prompts, so any change regenerates it.
-    """
-    from datasets import Dataset, load_from_disk
-
-    key = stable_hash(getattr(model, "lbsearch_key", "model"), seed, n_tokens, max_new_tokens, SEED_PROMPTS)
-    path = cache_dir("corpora") / f"teacher-{key}"
-    if (path / "dataset_info.json").is_file():
-        return load_from_disk(str(path))
+def sample_teacher_texts(model, tokenizer, n_tokens: int, seed: int = 0, max_new_tokens: int = 256,
+                         batch_size: int = 16, progress: bool = True) -> list[str]:
+    """Text sampled from the teacher on the seed prompts (chat template applied), about ``n_tokens`` long."""
     texts, total, step = [], 0, 0
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    bar = tqdm(total=n_tokens, desc="teacher corpus", unit="tok")
+    bar = tqdm(total=n_tokens, desc="teacher corpus", unit="tok", disable=not progress)
     while total < n_tokens:
         prompts = [SEED_PROMPTS[(step * batch_size + i) % len(SEED_PROMPTS)] for i in range(batch_size)]
         chats = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
@@ -88,22 +79,37 @@ def teacher_corpus(model, tokenizer, n_tokens: int, seed: int = 0, max_new_token
         torch.manual_seed(seed * 100003 + step)
         out = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=True, temperature=0.8,
                              top_p=0.95, max_new_tokens=max_new_tokens, pad_token_id=pad)
-        for row, prompt_len in zip(out, (len(x) for x in ids)):
+        for row, prompt_len in zip(out.tolist(), (len(x) for x in ids)):
             new = row[width:]
-            keep = new[new != pad] if pad != tokenizer.eos_token_id else new[: _until_eos(new, pad)]
-            texts.append(tokenizer.decode(row[width - prompt_len:width].tolist() + keep.tolist()))
+            keep = [t for t in new if t != pad] if pad != tokenizer.eos_token_id else new[: _until_eos(new, pad)]
+            texts.append(tokenizer.decode(row[width - prompt_len:width] + keep))
             total += prompt_len + len(keep)
         bar.update(min(total, n_tokens) - bar.n)
         step += 1
     bar.close()
+    return texts
+
+
+def teacher_corpus(model, tokenizer, n_tokens: int, seed: int = 0, max_new_tokens: int = 256,
+                   batch_size: int = 16):
+    """:func:`sample_teacher_texts` as a ``datasets`` Dataset, cached on disk.
+
+    Keyed by the model, seed, size and prompts, so any change regenerates it.
+    """
+    from datasets import Dataset, load_from_disk
+
+    key = stable_hash(getattr(model, "lbsearch_key", "model"), seed, n_tokens, max_new_tokens, SEED_PROMPTS)
+    path = cache_dir("corpora") / f"teacher-{key}"
+    if (path / "dataset_info.json").is_file():
+        return load_from_disk(str(path))
+    texts = sample_teacher_texts(model, tokenizer, n_tokens, seed, max_new_tokens, batch_size)
     ds = Dataset.from_dict({"text": texts})
     _save_dataset_atomic(ds, path)
     return ds
 
 
-def _until_eos(tokens: torch.Tensor, eos: int) -> int:
-    hits = (tokens == eos).nonzero()
-    return int(hits[0]) + 1 if len(hits) else len(tokens)
+def _until_eos(tokens: list[int], eos: int) -> int:
+    return tokens.index(eos) + 1 if eos in tokens else len(tokens)
 
 
 _LOCAL_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -165,11 +171,14 @@ def split_corpus(ds, cfg: DataConfig) -> dict:
 
 
 def pack_blocks(ds, tokenizer, seq_len: int, max_tokens: int | None = None) -> torch.Tensor:
-    """Tokenise, join documents with EOS and cut into [N, seq_len] blocks (the remainder is dropped)."""
+    """Tokenise, join documents with EOS and cut into [N, seq_len] blocks (the remainder is dropped).
+
+    ``ds`` is a Dataset with a ``text`` column or a list of strings.
+    """
     eos = tokenizer.eos_token_id
     stream: list[int] = []
     limit = None if max_tokens is None else max(max_tokens, seq_len)
-    for text in ds["text"]:
+    for text in (ds if isinstance(ds, list) else ds["text"]):
         stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
         stream.append(eos)
         if limit is not None and len(stream) >= limit:

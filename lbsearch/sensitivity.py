@@ -110,8 +110,13 @@ def _single_change(n_layers: int, layer: int, spec: LayerSpec) -> Plan:
 
 @torch.no_grad()
 def sensitivity(model, blocks: torch.Tensor, teacher: TeacherLogits, specs: dict[str, LayerSpec],
-                batch_size: int = 4, library=None, progress: bool = True) -> SensitivityTable:
-    """The table, reusing the teacher's hidden states up to each changed layer."""
+                batch_size: int = 4, libraries: dict | None = None, progress: bool = True) -> SensitivityTable:
+    """The table, reusing the teacher's hidden states up to each changed layer.
+
+    ``specs`` names the columns; ``libraries`` maps a column to the block library whose trained
+    LSWA blocks it uses (columns without one use untrained blocks).
+    """
+    libraries = libraries or {}
     n_layers = len(decoder_layers(model))
     device = next(model.parameters()).device
     sums = {k: [torch.zeros(5, dtype=torch.float64) for _ in range(n_layers)] for k in specs}
@@ -125,7 +130,7 @@ def sensitivity(model, blocks: torch.Tensor, teacher: TeacherLogits, specs: dict
         base += quality_sums(head(model, states[-1]), blocks[sl], teacher.batch(sl))
         for layer in range(n_layers):
             for kind, spec in specs.items():
-                with apply_plan(model, _single_change(n_layers, layer, spec), library):
+                with apply_plan(model, _single_change(n_layers, layer, spec), libraries.get(kind)):
                     hidden = run_layers(model, states[layer], layer, *pos_inputs)
                 sums[kind][layer] += quality_sums(head(model, hidden), blocks[sl], teacher.batch(sl))
                 bar.update()
@@ -138,15 +143,16 @@ def sensitivity(model, blocks: torch.Tensor, teacher: TeacherLogits, specs: dict
 
 @torch.no_grad()
 def sensitivity_naive(model, blocks: torch.Tensor, teacher: TeacherLogits, specs: dict[str, LayerSpec],
-                      batch_size: int = 4, library=None, progress: bool = True) -> SensitivityTable:
+                      batch_size: int = 4, libraries: dict | None = None, progress: bool = True) -> SensitivityTable:
     """The same table with a full forward per changed layer: the baseline the fast one is checked against."""
+    libraries = libraries or {}
     n_layers = len(decoder_layers(model))
     rows = {k: [] for k in specs}
     bar = tqdm(total=n_layers * len(specs), desc="sensitivity (naive)", unit="plan", disable=not progress)
     base = evaluate(model, blocks, teacher, batch_size)
     for layer in range(n_layers):
         for kind, spec in specs.items():
-            with apply_plan(model, _single_change(n_layers, layer, spec), library):
+            with apply_plan(model, _single_change(n_layers, layer, spec), libraries.get(kind)):
                 rows[kind].append(evaluate(model, blocks, teacher, batch_size))
             bar.update()
     bar.close()

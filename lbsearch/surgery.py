@@ -7,6 +7,7 @@ entries in whatever ``Cache`` generate() creates (or use :func:`plan_cache`).
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -36,6 +37,19 @@ class SurgeryHandle:
         self.originals.clear()
         self.model.lbsearch_plan = None
 
+    @contextmanager
+    def suspended(self):
+        """Original attention in every changed layer for the duration (a teacher forward on the same weights)."""
+        layers = decoder_layers(self.model)
+        current = {i: layers[i].self_attn for i in self.originals}
+        for i, attn in self.originals.items():
+            layers[i].self_attn = attn
+        try:
+            yield self.model
+        finally:
+            for i, attn in current.items():
+                layers[i].self_attn = attn
+
     def __enter__(self) -> "SurgeryHandle":
         return self
 
@@ -59,13 +73,17 @@ def apply_plan(model: nn.Module, plan: Plan, library=None) -> SurgeryHandle:
     if previous is not None and previous.originals:
         previous.restore()
     handle = SurgeryHandle(model, plan)
-    for idx, (layer, spec) in enumerate(zip(layers, plan.layers)):
-        if spec.kind == "softmax":
-            continue
-        handle.originals[idx] = layer.self_attn
-        layer.self_attn = build_attention(layer.self_attn, spec)
-        if library is not None and spec.kind == "lswa":
-            library.load_into(layer.self_attn, idx, spec)
+    try:
+        for idx, (layer, spec) in enumerate(zip(layers, plan.layers)):
+            if spec.kind == "softmax":
+                continue
+            handle.originals[idx] = layer.self_attn
+            layer.self_attn = build_attention(layer.self_attn, spec)
+            if library is not None and spec.kind == "lswa":
+                library.load_into(layer.self_attn, idx, spec)
+    except BaseException:
+        handle.restore()  # all or nothing
+        raise
     model.lbsearch_handle = handle
     model.lbsearch_plan = plan
     return handle

@@ -41,3 +41,25 @@ def test_sensitivity_command_end_to_end(tmp_path, tiny_dir, monkeypatch):
     table = json.loads((out / "sensitivity.json").read_text())
     assert len(table["rows"]["none"]) == 3 and table["tokens"] == 64
     assert (out / "sensitivity.csv").is_file() and (out / "sensitivity.png").is_file()
+
+
+def test_heal_command_end_to_end_and_resume(tmp_path, tiny_dir):
+    space = tmp_path / "space.yaml"
+    space.write_text(f"model: {tiny_dir}\ndata: {{corpus_tokens: 1500, seq_len: 32}}\n"
+                     "budgets: {eval_tokens: 64, calibration_tokens: 128, healing_tokens_cpu: 512}\n"
+                     "lswa: {windows: [8], feature_dims: [16]}\n")
+    env = dict(__import__("os").environ, LBSEARCH_CACHE=str(tmp_path / "cache"))
+    out = tmp_path / "heal"
+    args = ["heal", "--space", str(space), "--plan", "SL8N", "--out", str(out), "--library", str(tmp_path / "lib"),
+            "--transfer-steps", "5", "--lora-rank", "2"]
+    proc = run_cli(*args, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "healed on 512 tokens" in proc.stdout and "after" in proc.stdout
+    report = json.loads((out / "healed" / "heal.json").read_text())["report"]
+    assert report["tokens"] == 512 and report["plan"] == "SL8f16N"
+    assert len(json.loads((tmp_path / "lib" / "index.json").read_text())) == 1
+    # a second run finds the finished checkpoint and the library block: no new training
+    again = run_cli(*args, env=env)
+    assert again.returncode == 0 and "layer transfer" not in again.stderr
+    bad = run_cli("heal", "--space", str(space), "--plan", "SLNNN", "--out", str(out), env=env)
+    assert bad.returncode == 2 and "the model has 3" in bad.stderr and "Traceback" not in bad.stderr
