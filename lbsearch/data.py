@@ -9,9 +9,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from typing import TYPE_CHECKING
+
 from .errors import LBSearchError
 from .io import cache_dir, stable_hash
-from .space import DataConfig
+
+if TYPE_CHECKING:  # pydantic is not needed where only blocks are made (e.g. the GPU image)
+    from .space import DataConfig
 
 SPLITS = ("train", "calibration", "heldout")
 

@@ -54,6 +54,8 @@ DEFAULT_MODEL = "smollm2-135m"
 
 def model_num_layers(ref: str) -> int | None:
     """Layer count without loading weights, when the reference says it (alias or local config)."""
+    if ref.endswith(".gguf"):
+        return None
     if ref in REGISTRY:
         return REGISTRY[ref].num_layers
     config = Path(ref) / "config.json"
@@ -70,15 +72,13 @@ def check_family(config, ref: str) -> None:
                             f"supported: {', '.join(SUPPORTED_FAMILIES)}")
 
 
-def _cached_copy(ref: str) -> Path:
-    """Safetensors copy of a registry model, written on first use."""
-    entry = REGISTRY[ref]
-    folder = cache_dir("models", f"{ref}-{entry.fingerprint()}")
+def _cached_copy(gguf: Path, key: str) -> Path:
+    """Safetensors copy of a GGUF model (dequantised once), written on first use."""
+    folder = cache_dir("models", key)
     if (folder / "lbsearch.json").is_file():
         return folder
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = entry.locate()
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = model.config
@@ -90,15 +90,19 @@ def _cached_copy(ref: str) -> Path:
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     save_tensors(folder / "model.safetensors", state, metadata={"format": "pt"})
-    atomic_write_json(folder / "lbsearch.json", {"ref": ref, "source": str(gguf)})
+    atomic_write_json(folder / "lbsearch.json", {"source": str(gguf)})
     return folder
 
 
 def _resolve(ref: str) -> tuple[str | Path, str]:
     """Where to load from, and a key that identifies the weights for caches."""
     if ref in REGISTRY:
-        return _cached_copy(ref), f"{ref}-{REGISTRY[ref].fingerprint()}"
+        key = f"{ref}-{REGISTRY[ref].fingerprint()}"
+        return _cached_copy(REGISTRY[ref].locate(), key), key
     path = Path(ref)
+    if path.suffix == ".gguf" and path.is_file():
+        key = f"{path.stem}-{stable_hash(path.name, path.stat().st_size)}"
+        return _cached_copy(path, key), key
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise LBSearchError(f"{path}: not a model directory (no config.json)")

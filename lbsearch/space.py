@@ -51,7 +51,7 @@ class Constraints(_Strict):
 class Budgets(_Strict):
     calibration_tokens: PositiveInt = 16384
     healing_tokens: PositiveInt = 10_000_000
-    healing_tokens_cpu: PositiveInt = 65536
+    healing_tokens_cpu: PositiveInt = 16384
     eval_tokens: PositiveInt = 4096
     sensitivity_tokens: PositiveInt = 2048
 

@@ -3,7 +3,7 @@ and finding this layer's entry in a transformers ``Cache``."""
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import CacheLayerMixin, DynamicLayer
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -48,3 +48,44 @@ def cache_layer(cache, layer_idx: int, layer_cls, **init):
     if not isinstance(layer, layer_cls):
         layer = cache.layers[layer_idx] = layer_cls(**init)
     return layer
+
+
+class CountingCacheLayer(CacheLayerMixin):
+    """A cache entry without a KV tensor: it counts tokens so the Cache reports the sequence
+    length and mask sizes like a full KV layer would. Subclasses add their own state."""
+
+    is_sliding = False
+
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.seen = 0
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        raise RuntimeError(f"{type(self).__name__} keeps no key/value tensors to update")
+
+    def get_mask_sizes(self, query_length: int, *args) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.seen = 0
+
+    def reorder_cache(self, beam_idx) -> None:
+        pass
+
+    def batch_select_indices(self, indices) -> None:
+        pass
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        pass
+
+    def nbytes(self) -> int:
+        return 0

@@ -10,11 +10,10 @@ import math
 
 import torch
 from torch import nn
-from transformers.cache_utils import CacheLayerMixin
 
 from ..kernels.lswa import ops
 from ..plan import LayerSpec
-from .common import cache_layer, pick_cache, project_qkv
+from .common import CountingCacheLayer, cache_layer, pick_cache, project_qkv
 
 # sigmoid(4) = 0.982: untrained LSWA is mostly window + sinks softmax (StreamingLLM), with a small
 # linear share that the per-layer transfer then learns to use.
@@ -40,30 +39,12 @@ class HedgehogFeatureMap(nn.Module):
         return torch.cat([z.softmax(-1), (-z).softmax(-1)], -1).view(b, t, h, -1)
 
 
-class LSWACacheLayer(CacheLayerMixin):
+class LSWACacheLayer(CountingCacheLayer):
     """Constant-size decode state (sinks, ring buffer of the window, linear state) in a transformers Cache."""
-
-    is_sliding = False
 
     def __init__(self, **kwargs):
         super().__init__()
         self.state = None  # lbsearch.kernels.lswa.LSWAState after prefill
-        self.seen = 0
-
-    def lazy_initialization(self, key_states, value_states) -> None:
-        self.is_initialized = True
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        raise RuntimeError("LSWA layers keep their own state; they do not take key/value updates")
-
-    def get_mask_sizes(self, query_length: int, *args) -> tuple[int, int]:
-        return self.seen + query_length, 0
-
-    def get_seq_length(self) -> int:
-        return self.seen
-
-    def get_max_length(self) -> int:
-        return -1
 
     def reset(self) -> None:
         self.state, self.seen = None, 0

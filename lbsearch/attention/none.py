@@ -3,50 +3,13 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.cache_utils import CacheLayerMixin
 
 from ..plan import LayerSpec
-from .common import cache_layer, pick_cache
+from .common import CountingCacheLayer, cache_layer, pick_cache
 
 
-class PassThroughCacheLayer(CacheLayerMixin):
-    """Stores nothing; counts tokens so the cache reports the sequence length like a KV layer."""
-
-    is_sliding = False
-
-    def __init__(self, **kwargs):
-        super().__init__()
-        self.seen = 0
-
-    def lazy_initialization(self, key_states, value_states) -> None:
-        self.is_initialized = True
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        raise RuntimeError("a removed attention layer has no keys or values to cache")
-
-    def get_mask_sizes(self, query_length: int, *args) -> tuple[int, int]:
-        return self.seen + query_length, 0
-
-    def get_seq_length(self) -> int:
-        return self.seen
-
-    def get_max_length(self) -> int:
-        return -1
-
-    def reset(self) -> None:
-        self.seen = 0
-
-    def reorder_cache(self, beam_idx) -> None:
-        pass
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        pass
-
-    def batch_select_indices(self, indices) -> None:
-        pass
-
-    def nbytes(self) -> int:
-        return 0
+class PassThroughCacheLayer(CountingCacheLayer):
+    """Stores nothing."""
 
 
 class NoAttention(nn.Module):
