@@ -52,3 +52,13 @@ def test_mixed_plan_generates_and_sensitivity_runs(smollm):
     assert max(none_kl[:2]) == max(none_kl)  # layers 0-1 are the most sensitive to removal
     assert sum(table.column("lswa")) < sum(none_kl)  # linearising costs less than removing
     assert mixed.kl > max(none_kl[2:])  # 14 layers removed hurt more than any single one
+
+
+def test_a_local_gguf_file_loads_like_the_alias(smollm, tmp_path, monkeypatch):
+    from lbsearch.models import REGISTRY
+
+    monkeypatch.setenv("LBSEARCH_CACHE", str(tmp_path))
+    model = load_teacher(str(REGISTRY["smollm2-135m"].locate()))
+    assert list(tmp_path.glob("models/SmolLM2-135M-Instruct.Q4_1-*/model.safetensors"))
+    ids = torch.tensor([[1, 504, 3458, 282, 4099, 314, 253, 1345]])
+    assert torch.equal(model(ids).logits, smollm[0](ids).logits)
