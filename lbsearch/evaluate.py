@@ -68,9 +68,9 @@ def teacher_logits(model, blocks: torch.Tensor, k: int = TOP_K, batch_size: int 
     return out
 
 
-def kl_per_token(student_logits: torch.Tensor, teacher: TeacherLogits) -> torch.Tensor:
-    """KL(teacher || student) per position, over the teacher's top-k tokens plus a rest bucket."""
-    logq = torch.log_softmax(student_logits.float(), -1)
+def kl_from_logprobs(logq: torch.Tensor, teacher: TeacherLogits) -> torch.Tensor:
+    """KL(teacher || student) per position from student log-probs, over the teacher's top-k
+    tokens plus one bucket for the rest of the vocabulary."""
     logp = teacher.logprobs.to(logq.device)
     logq_top = logq.gather(-1, teacher.ids.to(logq.device))
     kl = (logp.exp() * (logp - logq_top)).sum(-1)
@@ -80,14 +80,21 @@ def kl_per_token(student_logits: torch.Tensor, teacher: TeacherLogits) -> torch.
     return kl + rest
 
 
+def kl_per_token(student_logits: torch.Tensor, teacher: TeacherLogits) -> torch.Tensor:
+    return kl_from_logprobs(torch.log_softmax(student_logits.float(), -1), teacher)
+
+
 def quality_sums(student_logits: torch.Tensor, blocks: torch.Tensor, teacher: TeacherLogits) -> torch.Tensor:
-    """[kl_sum, nll_sum, agree_sum, n_kl, n_nll] for one batch, to be added up over batches."""
-    kl = kl_per_token(student_logits, teacher)
-    logits = student_logits.float()
-    nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), blocks[:, 1:].flatten().to(logits.device),
-                                            reduction="sum")
-    agree = (logits.argmax(-1).cpu() == teacher.ids[..., 0].cpu()).sum()
-    return torch.tensor([kl.sum().item(), nll.item(), float(agree), kl.numel(), blocks[:, 1:].numel()],
+    """[kl_sum, nll_sum, agree_sum, n_kl, n_nll] for one batch, to be added up over batches.
+
+    One log-softmax serves KL, perplexity and agreement (the vocabulary pass dominates the cost).
+    """
+    logq = torch.log_softmax(student_logits.float(), -1)
+    kl = kl_from_logprobs(logq, teacher)
+    targets = blocks[:, 1:].to(logq.device)
+    nll = -logq[:, :-1].gather(-1, targets[..., None]).sum()
+    agree = (logq.argmax(-1).cpu() == teacher.ids[..., 0].cpu()).sum()
+    return torch.tensor([kl.sum().item(), nll.item(), float(agree), kl.numel(), targets.numel()],
                         dtype=torch.float64)
 
 
