@@ -9,28 +9,18 @@ depends on the allocated length and the batch only, so a CUDA graph can capture 
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from ..triton_utils import dot as _dot
+
 LOG2E = 1.4426950408889634
 MIN_SPLIT_ROWS = 256  # a split reads at least this many cache rows (amortises its fixed cost)
-_INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 _SM_COUNT: dict[int, int] = {}
 # Launch parameters used when a call does not give them; :func:`tune` replaces them with the
 # fastest on the current GPU for a given shape.
 LAUNCH = {"block_n": 64, "num_warps": 4, "num_stages": 3, "splits": None}
-
-
-@triton.jit
-def _dot(a, b, PREC: tl.constexpr):
-    """tl.dot with fp32 accumulation (the interpreter multiplies bf16 wrongly: upcast there)."""
-    if _INTERPRET:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, input_precision=PREC)
 
 
 @triton.jit

@@ -18,30 +18,18 @@ Masks, blocks and scores are shared by construction between forward and backward
 """
 from __future__ import annotations
 
-import os
 import math
 
 import torch
 import triton
 import triton.language as tl
 
+from ..triton_utils import dot as _dot
+
 from .naive import LSWAState
 
 LOG2E = 1.4426950408889634
 BWD_WARPS = 4  # measured on H200 (T=32k fwd+bwd): 4 warps 24.4 ms, 8 warps 33.6 ms
-
-
-# Triton's interpreter multiplies bf16 tensors as raw integers in tl.dot: upcast there.
-_INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
-
-
-@triton.jit
-def _dot(a, b, PREC: tl.constexpr):
-    """tl.dot with fp32 accumulation (operands upcast under the interpreter)."""
-    if _INTERPRET:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, input_precision=PREC)
 
 
 def _empty(*shape, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:

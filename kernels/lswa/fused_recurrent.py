@@ -8,27 +8,15 @@ differ across the batch.
 """
 from __future__ import annotations
 
-import os
 import torch
 import triton
 import triton.language as tl
 
+from ..triton_utils import dot as _dot
+
 from .naive import LSWAState
 
 LOG2E = 1.4426950408889634
-
-
-# Triton's interpreter multiplies bf16 tensors as raw integers in tl.dot: upcast there.
-_INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
-
-
-@triton.jit
-def _dot(a, b, PREC: tl.constexpr):
-    """tl.dot with fp32 accumulation (operands upcast under the interpreter)."""
-    if _INTERPRET:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, input_precision=PREC)
 
 
 def _empty_like(x: torch.Tensor) -> torch.Tensor:
