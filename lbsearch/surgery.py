@@ -57,10 +57,6 @@ class SurgeryHandle:
         self.restore()
 
 
-def original_attention(module: nn.Module) -> nn.Module:
-    return module.base if isinstance(module, LSWAttention) else module
-
-
 def apply_plan(model: nn.Module, plan: Plan, library=None) -> SurgeryHandle:
     """Change every layer to its kind in ``plan`` (in place). Use the handle to restore.
 
