@@ -233,7 +233,9 @@ command("bench", "decode throughput of plans vs the base at several concurrencie
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lbsearch", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = argparse.ArgumentParser(
+        prog="lbsearch", description="Choose softmax, linear sliding-window (LSWA) or no attention per layer of an "
+        "LLM: sensitivity analysis, healing, serving benchmark.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (fn, add_args, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
