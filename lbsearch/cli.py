@@ -113,6 +113,20 @@ cmd_sensitivity.add_args = _sensitivity_args
 command("sensitivity", "per-layer quality drop for lswa and none (table, CSV/JSON, heatmap)")(cmd_sensitivity)
 
 
+def healing_texts(args, space, model, tokenizer, splits, on_gpu: bool):
+    """What healing trains on: a separate teacher corpus (GPU default, or --corpus-tokens), else the train split."""
+    from .data import teacher_corpus
+
+    n = args.corpus_tokens if args.corpus_tokens is not None else (
+        space.data.healing_corpus_tokens if on_gpu and space.data.source == "teacher" else 0)
+    if not n:
+        return splits["train"]
+    if space.data.source != "teacher":
+        raise LBSearchError(f"--corpus-tokens needs data.source 'teacher' (the space has {space.data.source!r})")
+    print(f"healing corpus: {n} tokens sampled from the teacher (seed {space.data.seed + 1}; cached)")
+    return teacher_corpus(model, tokenizer, n, seed=space.data.seed + 1, batch_size=512 if on_gpu else 16)
+
+
 def cmd_heal(args) -> None:
     from .data import pack_blocks
     from .distill import HealConfig, heal_plan
@@ -124,12 +138,14 @@ def cmd_heal(args) -> None:
     on_gpu = next(model.parameters()).is_cuda
     tokens = args.tokens or (space.budgets.healing_tokens if on_gpu else space.budgets.healing_tokens_cpu)
     seq = space.data.seq_len
-    train = pack_blocks(splits["train"], tokenizer, seq)
+    train = pack_blocks(healing_texts(args, space, model, tokenizer, splits, on_gpu), tokenizer, seq)
     heldout = pack_blocks(splits["heldout"], tokenizer, seq, max_tokens=space.budgets.eval_tokens)
     library, calibration = open_library(args, model, tokenizer, splits, space)
-    cfg = HealConfig(tokens=tokens, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
-                     lora_rank=args.lora_rank, lora_mlp=args.lora_mlp, checkpoint_tokens=args.checkpoint_tokens,
-                     temperature=args.temperature, ce_weight=args.ce_weight, attn_mse_weight=args.attn_mse_weight)
+    batch_size = args.batch_size or (32 if on_gpu else 4)
+    cfg = HealConfig(tokens=tokens, batch_size=batch_size, grad_accum=args.grad_accum, lr=args.lr,
+                     teacher=args.teacher, lora_rank=args.lora_rank, lora_mlp=not args.no_lora_mlp,
+                     checkpoint_tokens=args.checkpoint_tokens, temperature=args.temperature,
+                     ce_weight=args.ce_weight, attn_mse_weight=args.attn_mse_weight)
     out = _out_dir(args, ref, f"heal-{plan.key}")
     report = heal_plan(model, plan, library, calibration, train, heldout, teacher_logits(model, heldout), cfg, out,
                        resume=not args.no_resume)
@@ -149,13 +165,18 @@ def _heal_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", type=int, help="healing budget in tokens (default: budgets.healing_tokens on GPU, "
                    "budgets.healing_tokens_cpu on CPU)")
     p.add_argument("--library", metavar="DIR", help="block library folder (default: in the cache)")
+    p.add_argument("--corpus-tokens", type=int, help="heal on a separate teacher corpus of this many tokens "
+                   "(default: data.healing_corpus_tokens on GPU; on CPU the corpus's train split)")
     p.add_argument("--transfer-steps", type=int,
                    help="per-layer transfer steps for missing blocks (default 300 on GPU, 50 on CPU)")
-    p.add_argument("--batch-size", type=int, default=4, help="blocks per micro-batch")
+    p.add_argument("--batch-size", type=int, help="blocks per micro-batch (default 32 on GPU, 4 on CPU)")
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the LSWA parameters")
-    p.add_argument("--lora-rank", type=int, default=16, help="LoRA rank on attention projections (0: none)")
-    p.add_argument("--lora-mlp", action="store_true", help="LoRA on the MLP projections too")
+    p.add_argument("--lora-rank", type=int, default=16, help="LoRA rank on the projections (0: none)")
+    p.add_argument("--no-lora-mlp", action="store_true", help="LoRA on the attention projections only")
+    p.add_argument("--teacher", choices=["auto", "cached", "online"], default="auto",
+                   help="teacher targets: every step (online), top-k once per block (cached), or cached "
+                        "when the budget repeats blocks (auto)")
     p.add_argument("--temperature", type=float, default=1.0, help="distillation temperature")
     p.add_argument("--ce-weight", type=float, default=0.0, help="weight of cross-entropy on the data")
     p.add_argument("--attn-mse-weight", type=float, default=0.0, help="weight of per-layer attention-output MSE")

@@ -61,6 +61,9 @@ class DataConfig(_Strict):
     text_field: str = "text"
     seq_len: PositiveInt = 512
     corpus_tokens: PositiveInt = 24576  # size of the teacher-generated corpus
+    # GPU healing (source "teacher") trains on a separate teacher corpus of this size, so a 10M-token
+    # budget repeats each block a few times instead of hundreds; 0, or on CPU: the train split
+    healing_corpus_tokens: NonNegativeInt = 2_500_000
     heldout_fraction: float = Field(0.25, gt=0, lt=1)
     calibration_fraction: float = Field(0.25, gt=0, lt=1)
     seed: int = 0

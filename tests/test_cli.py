@@ -63,3 +63,8 @@ def test_heal_command_end_to_end_and_resume(tmp_path, tiny_dir):
     assert again.returncode == 0 and "layer transfer" not in again.stderr
     bad = run_cli("heal", "--space", str(space), "--plan", "SLNNN", "--out", str(out), env=env)
     assert bad.returncode == 2 and "the model has 3" in bad.stderr and "Traceback" not in bad.stderr
+    # healing on its own teacher corpus (the GPU default), cached under the cache folder
+    own = run_cli(*args[:5], "--out", str(tmp_path / "own"), *args[7:], "--corpus-tokens", "400", env=env)
+    assert own.returncode == 0, own.stderr
+    assert "healing corpus: 400 tokens sampled from the teacher" in own.stdout
+    assert len(list((tmp_path / "cache" / "corpora").iterdir())) == 2

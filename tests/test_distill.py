@@ -157,3 +157,66 @@ def test_sensitivity_with_library_column(tmp_path):
         direct = evaluate(model, held, teacher)
     assert abs(table.rows["lswa_trained"][1].kl - direct.kl) < 1e-6
     assert table.column("lswa") != table.column("lswa_trained")
+
+
+def test_cached_teacher_with_whole_vocabulary_gives_the_online_loss(tmp_path):
+    from lbsearch.distill.healing import HealStep, trainable_parameters
+
+    model, handle, _ = prepared(tmp_path)
+    ids = blocks(2)
+    losses = {}
+    for source in ("online", "cached"):
+        cfg = HealConfig(teacher=source, top_k=10**6, lora_rank=4)
+        step = HealStep(model, handle, cfg, trainable_parameters(model))
+        teacher = step.teacher_targets(ids) if source == "cached" else None
+        losses[source] = step.loss_and_backward(ids, teacher)
+    assert losses["online"] > 1e-3
+    assert abs(losses["cached"] - losses["online"]) < 1e-4 * losses["online"]
+
+
+def test_cached_teacher_top_k_is_a_lower_bound_that_tightens_with_k(tmp_path):
+    from lbsearch.distill.healing import HealStep, trainable_parameters
+
+    model, handle, _ = prepared(tmp_path)
+    ids = blocks(2)
+    online = HealStep(model, handle, HealConfig(teacher="online", lora_rank=4), trainable_parameters(model))
+    losses = [online.loss_and_backward(ids)]
+    for k in (64, 16):  # merging tokens into the bucket can only lower the KL (data processing)
+        cfg = HealConfig(teacher="cached", top_k=k, lora_rank=4)
+        step = HealStep(model, handle, cfg, trainable_parameters(model))
+        losses.append(step.loss_and_backward(ids, step.teacher_targets(ids)))
+    assert losses[0] > losses[1] > losses[2] > 0
+
+
+def test_heal_config_rejects_bad_teacher_options():
+    with pytest.raises(LBSearchError, match="teacher='disk'; allowed: auto, cached, online"):
+        HealConfig(teacher="disk")
+    with pytest.raises(LBSearchError, match="attn_mse_weight needs"):
+        HealConfig(attn_mse_weight=1.0, teacher="cached")
+    assert HealConfig(attn_mse_weight=1.0).attn_mse_weight == 1.0
+
+
+def test_blocks_used_are_exactly_the_blocks_a_run_reads():
+    from lbsearch.distill.healing import batch_indices, blocks_used
+
+    for n_blocks, steps in ((40, 3), (10, 7)):
+        cfg = HealConfig(batch_size=4, grad_accum=2, seed=3)
+        read = {int(i) for s in range(steps) for m in range(2) for i in batch_indices(s, m, n_blocks, 4, 2, 3)}
+        assert blocks_used(steps, n_blocks, cfg).tolist() == sorted(read)
+
+
+def test_quality_curve_during_healing(tmp_path):
+    model, handle, _ = prepared(tmp_path)
+    calls = []
+    cfg = HealConfig(tokens=32 * 4 * 6, lora_rank=4, eval_tokens=32 * 4 * 2, checkpoint_tokens=10**9)
+    state = heal(model, handle, blocks(16), cfg, tmp_path, progress=False,
+                 evaluator=lambda: calls.append(1) or {"kl": float(len(calls))})
+    assert [e["tokens"] for e in state.evals] == [256, 512, 768]
+    assert [e["quality"]["kl"] for e in state.evals] == [1.0, 2.0, 3.0]
+
+
+def test_auto_teacher_caches_only_when_the_budget_repeats_blocks():
+    assert HealConfig(tokens=1000).teacher_source(2000) == "online"
+    assert HealConfig(tokens=3000).teacher_source(2000) == "cached"
+    assert HealConfig(tokens=3000, attn_mse_weight=1.0).teacher_source(2000) == "online"
+    assert HealConfig(tokens=3000, teacher="online").teacher_source(2000) == "online"

@@ -92,6 +92,9 @@ class LSWAttention(nn.Module):
     def attend(self, q, k, v, cache=None) -> torch.Tensor:
         """LSWA over projected q [B,T,H,D], k/v [B,T,Hkv,D]; uses and fills ``cache`` when given."""
         fq, fk = self.feature_map(q), self.feature_map(k)
+        if torch.is_autocast_enabled(q.device.type):  # like SDPA under autocast: low-precision tensor cores
+            dt = torch.get_autocast_dtype(q.device.type)
+            q, k, v, fq, fk = (x.to(dt) for x in (q, k, v, fq, fk))
         gate = torch.sigmoid(self.gate_logit)
         scale = getattr(self.base, "scaling", self.head_dim ** -0.5)
         args = dict(gate=gate, scale=scale, backend=self.backend)

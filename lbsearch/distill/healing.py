@@ -1,28 +1,33 @@
 """Global healing: distil the modified model from the teacher (the same weights with the plan and
 adapters switched off), training only the new LSWA parameters and LoRA adapters.
 
-Resumable: every ``checkpoint_tokens`` the trainable tensors, the optimizer state and the step go
-to disk atomically; the data order and learning rate are pure functions of the step, so a resumed
-run ends with the same parameters as an uninterrupted one.
+The teacher's targets are either computed every step ("online", full vocabulary) or once per
+training block as top-k log-probabilities ("cached"). When the budget passes over the data more
+than once, the cache removes the repeated teacher forwards; "auto" picks it exactly then. Resumable: every ``checkpoint_tokens`` the trainable
+tensors, the optimizer state and the step go to disk atomically; the data order and learning rate
+are pure functions of the step, so a resumed run ends with the same parameters as an
+uninterrupted one.
 """
 from __future__ import annotations
 
-import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
+from typing import Callable
 
 import torch
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from ..errors import LBSearchError
-from ..io import atomic_write_json, save_tensors
+from ..evaluate import TeacherLogits, kl_from_logprobs, topk_of
 from ..surgery import SurgeryHandle, lswa_modules
+from .checkpoints import Checkpoints, HealState
 
 ATTN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
+TEACHER_SOURCES = ("auto", "cached", "online")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -38,22 +43,30 @@ class HealConfig:
     attn_mse_weight: float = 0.0
     lora_rank: int = 16  # 0: no adapters
     lora_alpha: int = 32
-    lora_mlp: bool = False
+    lora_mlp: bool = True
+    teacher: str = "auto"  # see TEACHER_SOURCES and the module docstring
+    top_k: int = 128  # teacher tokens kept per position by the cached teacher
     checkpoint_tokens: int = 1_000_000
+    eval_tokens: int = 0  # held-out quality every this many tokens (0: only before and after)
     max_grad_norm: float = 1.0
     divergence_factor: float = 10.0
     seed: int = 0
 
+    def __post_init__(self):
+        if self.teacher not in TEACHER_SOURCES:
+            raise LBSearchError(f"healing: teacher={self.teacher!r}; allowed: {', '.join(TEACHER_SOURCES)}")
+        if self.teacher == "cached" and self.attn_mse_weight > 0:
+            raise LBSearchError("healing: attn_mse_weight needs the teacher's attention outputs; "
+                                "use teacher='online' with it")
+
+    def teacher_source(self, train_tokens: int) -> str:
+        """"cached" or "online": what ``teacher`` means for a training set of ``train_tokens``."""
+        if self.teacher != "auto":
+            return self.teacher
+        return "cached" if self.tokens > train_tokens and self.attn_mse_weight == 0 else "online"
+
     def lora_targets(self) -> list[str]:
         return list(ATTN_TARGETS + (MLP_TARGETS if self.lora_mlp else ()))
-
-
-@dataclass
-class HealState:
-    step: int = 0
-    tokens: int = 0
-    losses: list[float] = field(default_factory=list)
-    seconds: float = 0.0
 
 
 def add_lora(model, cfg: HealConfig) -> None:
@@ -108,11 +121,19 @@ class teacher_mode:
         self._suspend.__exit__(*exc)
 
 
-def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Mean per-token KL(teacher || student) at ``temperature``, scaled by temperature^2."""
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor | TeacherLogits, temperature: float) -> torch.Tensor:
+    """Mean per-token KL(teacher || student) at ``temperature``, scaled by temperature^2.
+
+    ``teacher``: full logits, or cached top-k log-probs (already at the temperature), in which
+    case the rest of the vocabulary is one bucket.
+    """
     s = torch.log_softmax(student.float() / temperature, -1)
-    t = torch.log_softmax(teacher.float() / temperature, -1)
-    return (t.exp() * (t - s)).sum(-1).mean() * temperature ** 2
+    if isinstance(teacher, TeacherLogits):
+        kl = kl_from_logprobs(s, teacher)
+    else:
+        t = torch.log_softmax(teacher.float() / temperature, -1)
+        kl = (t.exp() * (t - s)).sum(-1)
+    return kl.mean() * temperature ** 2
 
 
 def lr_factor(step: int, total: int, warmup_fraction: float) -> float:
@@ -123,15 +144,49 @@ def lr_factor(step: int, total: int, warmup_fraction: float) -> float:
     return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
+@lru_cache(maxsize=4)
+def _epoch_order(n_blocks: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(n_blocks, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+
+
 def batch_indices(step: int, micro: int, n_blocks: int, batch_size: int, grad_accum: int, seed: int) -> torch.Tensor:
     """Blocks of a micro-batch: a seeded permutation per epoch, a pure function of the step."""
     first = (step * grad_accum + micro) * batch_size
-    idx = []
-    for pos in range(first, first + batch_size):
-        epoch, offset = divmod(pos, n_blocks)
-        perm = torch.randperm(n_blocks, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
-        idx.append(int(perm[offset]))
-    return torch.tensor(idx)
+    return torch.stack([_epoch_order(n_blocks, seed, pos // n_blocks)[pos % n_blocks]
+                        for pos in range(first, first + batch_size)])
+
+
+def blocks_used(total_steps: int, n_blocks: int, cfg: HealConfig) -> torch.Tensor:
+    """Sorted indices of every block a run of ``total_steps`` reads."""
+    positions = total_steps * cfg.grad_accum * cfg.batch_size
+    if positions >= n_blocks:
+        return torch.arange(n_blocks)
+    return _epoch_order(n_blocks, cfg.seed, 0)[:positions].sort().values
+
+
+class TeacherCache:
+    """Teacher top-k log-probs for the blocks a run reads, computed up front in a fixed order (so a
+    resumed run sees bit-identical targets). Kept on the training device when it fits easily."""
+
+    def __init__(self, blocks: torch.Tensor, used: torch.Tensor, targets: Callable, cfg: HealConfig,
+                 device: torch.device, progress: bool = True):
+        n, t = blocks.shape
+        k = min(cfg.top_k, targets(blocks[:1, :1]).ids.shape[-1])  # the vocabulary may be smaller than top_k
+        if device.type == "cuda" and n * t * k * 8 > 0.25 * torch.cuda.mem_get_info(device)[0]:
+            device = torch.device("cpu")
+        self.logprobs = torch.zeros(n, t, k, device=device)
+        self.ids = torch.zeros(n, t, k, dtype=torch.int32, device=device)
+        for start in tqdm(range(0, len(used), cfg.batch_size), desc="teacher top-k", unit="batch",
+                          disable=not progress):
+            sel = used[start:start + cfg.batch_size]
+            top = targets(blocks[sel])
+            self.logprobs[sel.to(device)] = top.logprobs.to(device)
+            self.ids[sel.to(device)] = top.ids.to(device, torch.int32)
+
+    def get(self, idx: torch.Tensor, device: torch.device) -> TeacherLogits:
+        sel = idx.to(self.logprobs.device)
+        return TeacherLogits(self.logprobs[sel].to(device, non_blocking=True),
+                             self.ids[sel].to(device, torch.long, non_blocking=True))
 
 
 class AttnOutputs:
@@ -157,115 +212,113 @@ class AttnOutputs:
             h.remove()
 
 
-class Checkpoints:
-    """``ckpt-<step>.safetensors`` + ``.json`` in a folder, with ``latest.json`` pointing at the newest."""
+class HealStep:
+    """One optimizer step: teacher targets, student forward, loss, backward, clipped AdamW update."""
 
-    def __init__(self, folder: str | Path):
-        self.folder = Path(folder)
+    def __init__(self, model, handle: SurgeryHandle, cfg: HealConfig, params: dict[str, torch.nn.Parameter],
+                 source: str | None = None):
+        self.model, self.handle, self.cfg, self.params = model, handle, cfg, params
+        self.source = source or ("online" if cfg.teacher == "auto" else cfg.teacher)
+        self.device = next(model.parameters()).device
+        new = [p for n, p in params.items() if "lora_" not in n]
+        lora = [p for n, p in params.items() if "lora_" in n]
+        groups = [{"params": new, "lr": cfg.lr, "base_lr": cfg.lr}]
+        if lora:
+            groups.append({"params": lora, "lr": cfg.lora_lr, "base_lr": cfg.lora_lr})
+        self.opt = torch.optim.AdamW(groups, weight_decay=0.0)
+        self.attn = AttnOutputs(model, handle) if cfg.attn_mse_weight > 0 else None
+        self.autocast = dict(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
 
-    def save(self, params: dict, opt: torch.optim.Optimizer, state: HealState, cfg: HealConfig) -> Path:
-        tensors = {f"param.{k}": v.detach() for k, v in params.items()}
-        names = list(params)
-        for i, pstate in opt.state_dict()["state"].items():
-            for k, v in pstate.items():
-                tensors[f"opt.{names[i]}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
-        stem = f"ckpt-{state.step:08d}"
-        save_tensors(self.folder / f"{stem}.safetensors", tensors)
-        atomic_write_json(self.folder / f"{stem}.json", {"state": asdict(state), "config": asdict(cfg)})
-        atomic_write_json(self.folder / "latest.json", {"stem": stem})
-        for old in sorted(self.folder.glob("ckpt-*.json"))[:-2]:  # keep the last two
-            old.with_suffix(".safetensors").unlink(missing_ok=True)
-            old.unlink(missing_ok=True)
-        return self.folder / f"{stem}.safetensors"
+    @torch.no_grad()
+    def teacher_targets(self, ids: torch.Tensor) -> torch.Tensor | TeacherLogits:
+        """Full teacher logits ("online") or top-k log-probs at the temperature ("cached")."""
+        with teacher_mode(self.model, self.handle), torch.autocast(**self.autocast):
+            logits = self.model(ids.to(self.device)).logits
+        if self.source == "cached":
+            return topk_of(logits / self.cfg.temperature, self.cfg.top_k)
+        return logits
 
-    def latest(self) -> str | None:
-        pointer = self.folder / "latest.json"
-        return json.loads(pointer.read_text())["stem"] if pointer.is_file() else None
+    def loss_and_backward(self, ids: torch.Tensor, teacher=None, scale: float = 1.0) -> float:
+        """Backward of ``scale`` x loss on one micro-batch; the teacher runs now when not given."""
+        ids = ids.to(self.device)
+        if teacher is None:
+            teacher = self.teacher_targets(ids)
+        with torch.autocast(**self.autocast):
+            logits = self.model(ids).logits
+        loss = kd_loss(logits, teacher, self.cfg.temperature)
+        if self.cfg.ce_weight:
+            loss = loss + self.cfg.ce_weight * torch.nn.functional.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+        if self.attn is not None:
+            loss = loss + self.cfg.attn_mse_weight * self.attn.loss()
+        (loss * scale).backward()
+        return loss.item()
 
-    def load(self, params: dict, opt: torch.optim.Optimizer, cfg: HealConfig) -> HealState | None:
-        stem = self.latest()
-        if stem is None:
-            return None
-        meta = json.loads((self.folder / f"{stem}.json").read_text())
-        if meta["config"] != asdict(cfg):
-            raise LBSearchError(f"{self.folder}: checkpoint was made with another healing config; "
-                                "use a new --out or delete the checkpoints")
-        tensors = load_file(str(self.folder / f"{stem}.safetensors"))
-        for name, p in params.items():
-            p.data.copy_(tensors[f"param.{name}"])
-        opt_state = opt.state_dict()
-        names = list(params)
-        for i, name in enumerate(names):
-            keys = [k for k in tensors if k.startswith(f"opt.{name}.")]
-            if keys:
-                opt_state["state"][i] = {k[len(f"opt.{name}."):]: tensors[k] for k in keys}
-        opt.load_state_dict(opt_state)
-        return HealState(**meta["state"])
+    def optimizer_step(self, lr_scale: float) -> None:
+        for g in self.opt.param_groups:
+            g["lr"] = g["base_lr"] * lr_scale
+        torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.cfg.max_grad_norm)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def close(self) -> None:
+        if self.attn is not None:
+            self.attn.close()
 
 
 def heal(model, handle: SurgeryHandle, blocks: torch.Tensor, cfg: HealConfig, out_dir: str | Path,
-         resume: bool = True, progress: bool = True, stop_after_steps: int | None = None) -> HealState:
-    """Distil ``model`` (plan applied via ``handle``, adapters injected) on ``blocks`` [N, T]."""
-    device = next(model.parameters()).device
+         resume: bool = True, progress: bool = True, stop_after_steps: int | None = None,
+         evaluator: Callable[[], dict] | None = None) -> HealState:
+    """Distil ``model`` (plan applied via ``handle``, adapters injected) on ``blocks`` [N, T].
+
+    ``evaluator`` (held-out quality as a dict) runs every ``cfg.eval_tokens``; its time is not
+    counted in the healing seconds.
+    """
     params = trainable_parameters(model)
-    new = [p for n, p in params.items() if "lora_" not in n]
-    lora = [p for n, p in params.items() if "lora_" in n]
-    groups = [{"params": new, "lr": cfg.lr, "base_lr": cfg.lr}]
-    if lora:
-        groups.append({"params": lora, "lr": cfg.lora_lr, "base_lr": cfg.lora_lr})
-    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    step = HealStep(model, handle, cfg, params, source=cfg.teacher_source(blocks.numel()))
     step_tokens = cfg.batch_size * cfg.grad_accum * blocks.shape[1]
     total_steps = max(1, cfg.tokens // step_tokens)
     ckpt = Checkpoints(Path(out_dir) / "checkpoints")
-    state = (ckpt.load(params, opt, cfg) if resume else None) or HealState()
+    state = (ckpt.load(params, step.opt, cfg) if resume else None) or HealState()
     every = max(1, cfg.checkpoint_tokens // step_tokens)
-    attn = AttnOutputs(model, handle) if cfg.attn_mse_weight > 0 else None
-    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    bar = tqdm(total=total_steps, initial=state.step, desc="healing", unit="step", disable=not progress)
+    eval_every = max(1, cfg.eval_tokens // step_tokens) if cfg.eval_tokens and evaluator else 0
     start = time.perf_counter() - state.seconds
+    cache = None
+    if step.source == "cached" and state.step < total_steps:
+        cache = TeacherCache(blocks, blocks_used(total_steps, len(blocks), cfg), step.teacher_targets, cfg,
+                             step.device, progress)
+    bar = tqdm(total=total_steps, initial=state.step, desc="healing", unit="step", disable=not progress)
     try:
         while state.step < total_steps:
             if stop_after_steps is not None and state.step >= stop_after_steps:
                 break
-            for g in opt.param_groups:
-                g["lr"] = g["base_lr"] * lr_factor(state.step, total_steps, cfg.warmup_fraction)
-            opt.zero_grad(set_to_none=True)
             loss_sum = 0.0
             for micro in range(cfg.grad_accum):
                 idx = batch_indices(state.step, micro, len(blocks), cfg.batch_size, cfg.grad_accum, cfg.seed)
-                ids = blocks[idx].to(device)
-                with torch.no_grad(), teacher_mode(model, handle), torch.autocast(**autocast):
-                    t_logits = model(ids).logits
-                with torch.autocast(**autocast):
-                    s_logits = model(ids).logits
-                loss = kd_loss(s_logits, t_logits, cfg.temperature)
-                if cfg.ce_weight:
-                    loss = loss + cfg.ce_weight * torch.nn.functional.cross_entropy(
-                        s_logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-                if attn is not None:
-                    loss = loss + cfg.attn_mse_weight * attn.loss()
-                (loss / cfg.grad_accum).backward()
-                loss_sum += loss.item() / cfg.grad_accum
+                teacher = cache.get(idx, step.device) if cache is not None else None
+                loss_sum += step.loss_and_backward(blocks[idx], teacher, 1 / cfg.grad_accum) / cfg.grad_accum
             first = state.losses[0] if state.losses else loss_sum
             if not math.isfinite(loss_sum) or loss_sum > cfg.divergence_factor * max(first, 1e-3):
                 last = ckpt.latest()
                 raise LBSearchError(f"healing stopped at step {state.step}: loss {loss_sum:.4g} "
                                     f"(first {first:.4g}); last good checkpoint: "
                                     f"{ckpt.folder / last if last else 'none'}")
-            torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
-            opt.step()
+            step.optimizer_step(lr_factor(state.step, total_steps, cfg.warmup_fraction))
             state.step += 1
             state.tokens += step_tokens
             state.losses.append(loss_sum)
             state.seconds = time.perf_counter() - start
-            bar.set_postfix(loss=f"{loss_sum:.4f}", tok_s=f"{state.tokens / max(state.seconds, 1e-9):.0f}")
+            bar.set_postfix(loss=f"{loss_sum:.4f}", tok_s=f"{state.tokens / max(state.seconds, 1e-9):.0f}",
+                            refresh=False)
             bar.update()
+            if eval_every and state.step % eval_every == 0:
+                state.evals.append({"tokens": state.tokens, "quality": evaluator()})
+                start = time.perf_counter() - state.seconds  # evaluation time is not healing time
             if state.step % every == 0 or state.step == total_steps:
-                ckpt.save(params, opt, state, cfg)
+                ckpt.save(params, step.opt, state, cfg)
     finally:
         bar.close()
-        if attn is not None:
-            attn.close()
+        step.close()
     for p in params.values():
         p.requires_grad_(False)
     return state
