@@ -3,10 +3,11 @@ adapters switched off), training only the new LSWA parameters and LoRA adapters.
 
 The teacher's targets are either computed every step ("online", full vocabulary) or once per
 training block as top-k log-probabilities ("cached"). When the budget passes over the data more
-than once, the cache removes the repeated teacher forwards; "auto" picks it exactly then. Resumable: every ``checkpoint_tokens`` the trainable
-tensors, the optimizer state and the step go to disk atomically; the data order and learning rate
-are pure functions of the step, so a resumed run ends with the same parameters as an
-uninterrupted one.
+than once, the cache removes the repeated teacher forwards; "auto" picks it exactly then.
+
+Resumable: every ``checkpoint_tokens`` the trainable tensors, the optimizer state and the step go
+to disk atomically; the data order and learning rate are pure functions of the step, so a resumed
+run ends with the same parameters as an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -170,18 +171,23 @@ class TeacherCache:
 
     def __init__(self, blocks: torch.Tensor, used: torch.Tensor, targets: Callable, cfg: HealConfig,
                  device: torch.device, progress: bool = True):
-        n, t = blocks.shape
-        k = min(cfg.top_k, targets(blocks[:1, :1]).ids.shape[-1])  # the vocabulary may be smaller than top_k
-        if device.type == "cuda" and n * t * k * 8 > 0.25 * torch.cuda.mem_get_info(device)[0]:
-            device = torch.device("cpu")
-        self.logprobs = torch.zeros(n, t, k, device=device)
-        self.ids = torch.zeros(n, t, k, dtype=torch.int32, device=device)
+        self.logprobs = self.ids = None
         for start in tqdm(range(0, len(used), cfg.batch_size), desc="teacher top-k", unit="batch",
                           disable=not progress):
             sel = used[start:start + cfg.batch_size]
             top = targets(blocks[sel])
-            self.logprobs[sel.to(device)] = top.logprobs.to(device)
-            self.ids[sel.to(device)] = top.ids.to(device, torch.int32)
+            if self.logprobs is None:  # k is known now: the vocabulary may be smaller than top_k
+                self._allocate(blocks.shape, top.ids.shape[-1], device)
+            sel = sel.to(self.logprobs.device)
+            self.logprobs[sel] = top.logprobs.to(self.logprobs.device)
+            self.ids[sel] = top.ids.to(self.ids.device, torch.int32)
+
+    def _allocate(self, shape: torch.Size, k: int, device: torch.device) -> None:
+        n, t = shape
+        if device.type == "cuda" and n * t * k * 8 > 0.25 * torch.cuda.mem_get_info(device)[0]:
+            device = torch.device("cpu")
+        self.logprobs = torch.zeros(n, t, k, device=device)
+        self.ids = torch.zeros(n, t, k, dtype=torch.int32, device=device)
 
     def get(self, idx: torch.Tensor, device: torch.device) -> TeacherLogits:
         sel = idx.to(self.logprobs.device)
