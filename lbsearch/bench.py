@@ -4,15 +4,14 @@ For every concurrency (batch of sequences decoded together) and plan, the decode
 (:mod:`lbsearch.engine`) prefills random prompts and greedily decodes ``output_len`` tokens; we
 report decode tokens/s, time per output token, prefill latency and peak memory (warm-up first,
 CUDA events, medians of repeats), beside the cost model's prediction and memory-bound
-concurrency. Also here: HF ``generate()`` timing, the analytic bandwidth floor, and the engine
-micro-benchmarks that measure cost tables.
+concurrency. Also here: HF ``generate()`` timing and the bandwidth floor (the upper bound on
+throughput if a step only moved bytes). Timers and micro-benchmarks are in :mod:`lbsearch.profile`.
 """
 from __future__ import annotations
 
 import csv
 import io
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -21,110 +20,8 @@ from .cost import ModelShape, kv_bytes_per_seq, max_concurrency
 from .engine import DecodeEngine
 from .io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from .plan import Plan
+from .profile import Timer
 from .surgery import apply_plan
-
-# Built-in model shapes for --shape (random weights: shapes decide speed).
-SHAPES: dict[str, dict] = {
-    "llama-3.2-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-                         head_dim=64, intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True,
-                         rope_theta=500000.0, max_position_embeddings=131072,
-                         rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
-    "smollm2-135m": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-                         head_dim=64, intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True,
-                         rope_theta=100000.0, max_position_embeddings=8192),
-}
-
-
-def random_model(config, dtype=torch.bfloat16, device: str = "cpu"):
-    """A causal LM with random weights built directly on ``device``; ``config`` is a config or a SHAPES name."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    if isinstance(config, str):
-        config = AutoConfig.for_model("llama", attn_implementation="sdpa", **SHAPES[config])
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model.eval().requires_grad_(False)
-
-
-def shape_config(shape: ModelShape, layers: int | None = None):
-    """A Llama config of ``shape`` (optionally with fewer layers), for micro-benchmarks."""
-    from transformers import AutoConfig
-
-    return AutoConfig.for_model(
-        "llama", hidden_size=shape.hidden, num_hidden_layers=layers or shape.layers, num_attention_heads=shape.heads,
-        num_key_value_heads=shape.kv_heads, head_dim=shape.head_dim, intermediate_size=shape.intermediate,
-        vocab_size=shape.vocab, tie_word_embeddings=shape.tied, attn_implementation="sdpa")
-
-
-# -- timing ------------------------------------------------------------------------------------
-class Timer:
-    """Seconds of a region: CUDA events on GPU, perf_counter on CPU."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def __enter__(self):
-        if self.cuda:
-            self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            self.start.record()
-        else:
-            self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        if self.cuda:
-            self.end.record()
-            self.end.synchronize()
-            self.seconds = self.start.elapsed_time(self.end) / 1000
-        else:
-            self.seconds = time.perf_counter() - self.t0
-
-
-def fake_fill(engine: DecodeEngine, context: int) -> None:
-    """Pretend ``context`` tokens are cached (speed depends on lengths, not on cache values)."""
-    engine.pos.fill_(context)
-    engine.prompt_len = context
-    for runner in engine.runners:
-        if hasattr(runner, "st"):
-            runner.st.pos.fill_(context)
-
-
-def step_seconds(model, plan: Plan, batch: int, context: int, steps: int = 16, repeats: int = 3) -> float:
-    """Median seconds of one decode step of ``model`` under ``plan`` at ``context`` cached tokens."""
-    with apply_plan(model, plan):
-        engine = DecodeEngine(model, batch, context + steps + 1)
-        times = []
-        for _ in range(repeats):
-            fake_fill(engine, context)
-            with Timer(engine.device) as t:
-                engine.decode(steps)
-            times.append(t.seconds / steps)
-    del engine
-    return statistics.median(times)
-
-
-def measure_layer_costs(shape: ModelShape, batch: int, context: int, specs, device: str, layers: int = 8):
-    """(head seconds, {spec_key: seconds}) from uniform plans on random models of ``shape``.
-
-    An n-layer model under a uniform plan of kind X takes ``head + n * c_X`` per step; all-none
-    at n and n/2 layers separates ``head`` from ``c_none``.
-    """
-    from .cost import spec_key
-
-    n = min(layers, shape.layers)
-    dtype = torch.bfloat16 if shape.dtype_bytes == 2 else torch.float32
-    model = random_model(shape_config(shape, n), dtype, device)
-    totals = {spec_key(s): step_seconds(model, Plan.uniform(n, s), batch, context) for s in specs}
-    half = random_model(shape_config(shape, n // 2), dtype, device)
-    from .plan import LayerSpec
-
-    t_half = step_seconds(half, Plan.uniform(n // 2, LayerSpec(kind="none")), batch, context)
-    c_none = (totals["none"] - t_half) / (n - n // 2)
-    head = max(totals["none"] - n * c_none, 0.0)
-    del model, half
-    return head, {k: (t - head) / n for k, t in totals.items()}
-
 
 def _peak_reset(device: torch.device) -> None:
     if device.type == "cuda":
@@ -189,11 +86,15 @@ def bench_hf_generate(model, batch: int, prompt_len: int, output_len: int, cache
             "prefill_s": times[1]}
 
 
+UPPER_BOUND = "bound(base)"  # the row of bandwidth_floor: no engine can decode the base faster
+
+
 def bandwidth_floor(shape: ModelShape, batch: int, prompt_len: int, output_len: int, bandwidth: float) -> dict:
-    """Base model's decode tokens/s if a step only read weights and all KV caches at copy bandwidth."""
+    """Upper bound on the base model's decode tokens/s: a step that only reads weights and all KV
+    caches at copy bandwidth (its time is the floor)."""
     base = Plan.softmax(shape.layers)
     nbytes = shape.weight_bytes(base) + batch * kv_bytes_per_seq(shape, base, prompt_len + output_len // 2)
-    return {"plan": "floor(base)", "batch": batch, "decode_tps": batch * bandwidth / nbytes,
+    return {"plan": UPPER_BOUND, "batch": batch, "decode_tps": batch * bandwidth / nbytes,
             "tpot_ms": 1000 * nbytes / bandwidth, "step_bytes_gb": nbytes / 2**30, "bandwidth_tbs": bandwidth / 1e12}
 
 
@@ -205,8 +106,9 @@ def add_memory_fit(row: dict, shape: ModelShape, plan: Plan, budget_bytes: int) 
 
 
 # -- output ------------------------------------------------------------------------------------
-COLUMNS = ["plan", "batch", "decode_tps", "speedup", "tpot_ms", "prefill_s", "peak_mem_gb", "kv_mb_per_seq",
-           "max_concurrency", "pred_ratio", "ratio_err"]
+COLUMNS = {"plan": "plan", "batch": "batch", "decode_tps": "tok/s", "speedup": "speedup", "tpot_ms": "TPOT ms",
+           "prefill_s": "prefill s", "peak_mem_gb": "peak GB", "kv_mb_per_seq": "KV MB/seq",
+           "max_concurrency": "max conc", "pred_ratio": "predicted", "ratio_err": "pred err"}
 
 
 def add_speedups(rows: list[dict]) -> list[dict]:
@@ -224,16 +126,18 @@ def _cell(value) -> str:
     return "" if value is None else str(value)
 
 
-def render(rows: list[dict], columns=COLUMNS, width: int = 34) -> str:
+def render(rows: list[dict], columns: dict[str, str] = COLUMNS, plan_width: int = 28) -> str:
+    """A plain-text table; each column as wide as its widest cell, long plans shortened."""
     cols = [c for c in columns if any(c in r for r in rows)]
-    lines = [" ".join(f"{c:>{width if c == 'plan' else 14}}" for c in cols)]
-    for r in rows:
-        cells = []
-        for c in cols:
-            text = _cell(r.get(c))
-            text = text if c != "plan" or len(text) <= width else text[: width - 3] + "..."
-            cells.append(f"{text:>{width if c == 'plan' else 14}}")
-        lines.append(" ".join(cells))
+
+    def text(r, c):
+        t = _cell(r.get(c))
+        return t if c != "plan" or len(t) <= plan_width else t[: plan_width - 3] + "..."
+
+    widths = {c: max(len(columns[c]), *(len(text(r, c)) for r in rows)) for c in cols}
+    fmt = [(f"{{:<{widths[c]}}}" if c == "plan" else f"{{:>{widths[c]}}}") for c in cols]
+    lines = ["  ".join(f.format(columns[c]) for f, c in zip(fmt, cols))]
+    lines += ["  ".join(f.format(text(r, c)) for f, c in zip(fmt, cols)) for r in rows]
     return "\n".join(lines)
 
 
@@ -254,10 +158,10 @@ def plot_png(rows: list[dict], title: str) -> bytes:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for plan in dict.fromkeys(r["plan"] for r in rows if "prompt_len" in r or r["plan"].startswith("floor")):
+    for plan in dict.fromkeys(r["plan"] for r in rows if "prompt_len" in r or r["plan"] == UPPER_BOUND):
         pts = sorted((r["batch"], r["decode_tps"]) for r in rows if r["plan"] == plan)
         label = plan if len(plan) <= 40 else plan[:37] + "..."
-        ax.plot(*zip(*pts), marker="o", linestyle="--" if plan.startswith(("floor", "hf-")) else "-", label=label)
+        ax.plot(*zip(*pts), marker="o", linestyle="--" if plan == UPPER_BOUND or plan.startswith("hf-") else "-", label=label)
     ax.set(xlabel="concurrent sequences", ylabel="decode tokens/s", title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -281,13 +185,14 @@ def model_shape(model) -> ModelShape:
 
 
 def sweep(model, plans: list[Plan], concurrency, prompt_len: int, output_len: int, *, repeats: int = 3,
-          budget_bytes: int | None = None, measure_costs: bool | None = None, log=print):
+          budget_bytes: int | None = None, measure_costs: bool | None = None, cost_plans=(), log=print):
     """Engine rows for the base and every plan at every concurrency, with cost-model predictions.
 
     Returns (rows, tables): ``tables[batch]`` is the cost table used at that concurrency (context:
-    the mean over decoding, prompt + output/2).
+    the mean over decoding, prompt + output/2), covering the specs of ``plans`` and ``cost_plans``.
     """
-    from .cost import default_specs, predict, relative_error, table_for
+    from .cost import default_specs, predict, relative_error
+    from .profile import table_for
 
     shape = model_shape(model)
     device = model.lm_head.weight.device
@@ -299,8 +204,8 @@ def sweep(model, plans: list[Plan], concurrency, prompt_len: int, output_len: in
         budget_bytes = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 16 * 2**30
     rows, tables = [], {}
     for batch in concurrency:
-        tables[batch] = table_for(shape, batch, prompt_len + output_len // 2, default_specs(plans), str(device),
-                                  measure=measure_costs)
+        tables[batch] = table_for(shape, batch, prompt_len + output_len // 2, default_specs(plans + list(cost_plans)),
+                                  str(device), measure=measure_costs)
         for plan in plans:
             row = bench_plan(model, plan, batch, prompt_len, output_len, repeats)
             row["is_base"] = plan == base
@@ -314,8 +219,12 @@ def sweep(model, plans: list[Plan], concurrency, prompt_len: int, output_len: in
     return rows, tables
 
 
-def calibrate_from_rows(tables: dict, rows: list[dict]) -> dict:
-    """Refit every concurrency's cost table to the measured step times of its rows; saved for reuse."""
+def calibrate_from_rows(tables: dict, rows: list[dict], notes: dict | None = None, out=None) -> dict:
+    """Refit every concurrency's cost table to the measured step times of its rows.
+
+    Saved in the cache (the search uses them for this device) and, with ``out``, as
+    ``out/cost_tables/*.json``; ``notes`` (command, date, code version) go into each table.
+    """
     from .cost import calibrate, save_calibrated
 
     fitted = {}
@@ -323,5 +232,8 @@ def calibrate_from_rows(tables: dict, rows: list[dict]) -> dict:
         measured = [(Plan.parse(r["plan"]), batch / r["decode_tps"]) for r in rows
                     if r["batch"] == batch and "is_base" in r]
         fitted[batch] = calibrate(table, measured)
-        fitted[batch].notes["path"] = save_calibrated(fitted[batch])
+        fitted[batch].notes.update(notes or {})
+        if out is not None:
+            save_calibrated(fitted[batch], Path(out) / "cost_tables")
+        fitted[batch].notes["path"] = str(save_calibrated(fitted[batch]))
     return fitted

@@ -2,27 +2,28 @@
 
 A :class:`CostTable` holds, for one device, model shape, batch (concurrency) and context, the
 time of one decode step of the head (embedding, final norm, lm_head, argmax) and of one decoder
-layer of each kind (``softmax`` at that context, ``lswa`` per window/sinks/feature dim, ``none``;
-MLP and norms included). A plan's step time is the head plus the sum of its layers' costs.
-Tables are measured on CUDA (micro-benchmarks with the decode engine, see
-:func:`lbsearch.bench.measure_layer_costs`) or, where measuring is too slow (CPU), computed
-analytically from bytes and FLOPs against the machine's measured bandwidth and FLOP rate; the
-table's ``source`` says which, and ``calibrated`` after a fit to end-to-end measurements.
-Memory: KV bytes per sequence by kind give the largest concurrency that fits a budget.
+layer of each kind (MLP and norms included). A plan's step time is the head plus the sum of its
+layers' costs, as hardware-aware NAS does with measured lookup tables.
+
+Tables come from measurements (``lbsearch bench --calibrate`` on the device; the package ships
+those measured on an H200, see ``lbsearch/cost_tables/``) or, where none matches, from an
+analytic roofline over the bytes and FLOPs each kind reports (:mod:`lbsearch.attention`) against
+a device's copy bandwidth and matmul rate. Every table says which (``source``). This module is
+arithmetic only: the measurements live in :mod:`lbsearch.profile`.
 """
 from __future__ import annotations
 
+import json
 import math
-import time
 from dataclasses import asdict, dataclass, field, replace
+from importlib import resources
+from pathlib import Path
 
 import numpy as np
-import torch
 
+from .attention import KINDS
 from .io import atomic_write_json, cache_dir, stable_hash
 from .plan import LayerSpec, Plan
-
-LSWA_STATE_BYTES = 4  # the linear state is float32
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,8 +57,8 @@ class ModelShape:
         return 3 * self.hidden * self.intermediate
 
     def weight_bytes(self, plan: Plan | None = None) -> int:
-        """Weights a decode step reads (a none layer skips its attention weights)."""
-        n_attn = self.layers if plan is None else self.layers - plan.count("none")
+        """Weights a decode step reads (a layer whose kind does not attend skips its attention weights)."""
+        n_attn = self.layers if plan is None else sum(KINDS[s.kind].attends for s in plan.layers)
         params = n_attn * self.attn_params + self.layers * self.mlp_params + self.vocab * self.hidden
         return params * self.dtype_bytes
 
@@ -68,23 +69,9 @@ class ModelShape:
 
 
 # -- memory ------------------------------------------------------------------------------------
-def _softmax_kv(shape: ModelShape, spec: LayerSpec, context: int) -> int:
-    return 2 * shape.kv_heads * context * shape.head_dim * shape.dtype_bytes
-
-
-def _lswa_kv(shape: ModelShape, spec: LayerSpec, context: int) -> int:
-    """Sinks and ring (keys, values, ring features) in the cache dtype, linear state in fp32, pos."""
-    d, f = shape.head_dim, spec.feature_dim
-    cached = (2 * spec.sinks * d + 2 * spec.window * d + spec.window * f) * shape.dtype_bytes
-    return shape.kv_heads * (cached + (f * d + f) * LSWA_STATE_BYTES) + 8
-
-
-KV_BYTES = {"softmax": _softmax_kv, "lswa": _lswa_kv, "none": lambda shape, spec, context: 0}
-
-
 def kv_bytes_per_seq(shape: ModelShape, plan: Plan, context: int) -> int:
     """Cache bytes one sequence of ``context`` tokens needs under ``plan``."""
-    return sum(KV_BYTES[s.kind](shape, s, context) for s in plan.layers)
+    return sum(KINDS[s.kind].kv_bytes(shape, s, context) for s in plan.layers)
 
 
 def max_concurrency(shape: ModelShape, plan: Plan, context: int, budget_bytes: int, reserve_bytes: int = 0) -> int:
@@ -98,13 +85,16 @@ def max_concurrency(shape: ModelShape, plan: Plan, context: int, budget_bytes: i
 
 # -- the table -----------------------------------------------------------------------------------
 def spec_key(spec: LayerSpec) -> str:
-    """Table key of a layer: the kind, or the compact token for lswa (its cost depends on window)."""
-    return spec.token() if spec.kind == "lswa" else spec.kind
+    """Table key of a layer: the kind, or its compact token when its cost depends on its numbers."""
+    return KINDS[spec.kind].cost_key(spec)
 
 
 @dataclass
 class CostTable:
-    """Seconds per decode step: ``head`` and ``layer[spec_key]``; plus the machine's rates."""
+    """Seconds per decode step: ``head`` and ``layer[spec_key]``; plus the machine's rates.
+
+    ``notes`` says how the table was made (command, date, code version, calibration plans).
+    """
 
     device: str
     shape: ModelShape
@@ -123,6 +113,9 @@ class CostTable:
             raise KeyError(f"cost table lacks {sorted(missing)} (has {sorted(self.layer)})")
         return self.head + sum(self.layer[spec_key(s)] for s in plan.layers)
 
+    def covers(self, specs) -> bool:
+        return {spec_key(s) for s in specs} <= set(self.layer)
+
     def to_dict(self) -> dict:
         data = asdict(self)
         data["shape"] = asdict(self.shape)
@@ -135,101 +128,105 @@ class CostTable:
 
 @dataclass(frozen=True)
 class Machine:
-    """Measured copy bandwidth (bytes/s, read + write counted) and matmul FLOP rate."""
+    """Copy bandwidth (bytes/s, read + write counted), matmul FLOP rate and memory of a device."""
 
     name: str
     bandwidth: float
     flop_rate: float
+    memory: int = 0  # bytes (0: unknown)
 
 
-def _time(fn, repeats: int = 5) -> float:
-    """Median seconds of ``fn`` after one warm-up (synchronising on CUDA)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+# Devices a search may target without being on them (rates measured on this project's lent H200:
+# device-to-device copy 4.3 TB/s, bf16 8192^3 matmul 788 TFLOP/s on random data; 143,771 MiB).
+DEVICES: dict[str, Machine] = {"h200": Machine("NVIDIA H200", 4.3e12, 7.88e14, 143771 * 2**20)}
 
 
-def measure_machine(device: str = "cpu") -> Machine:
-    """Copy bandwidth and matmul FLOP rate of ``device`` (about a second on CPU)."""
-    cuda = device.startswith("cuda")
-    n = (512 if cuda else 32) * 2**20 // 4
-    src = torch.empty(n, device=device).uniform_()
-    dst = torch.empty_like(src)
-    bandwidth = 2 * src.numel() * 4 / _time(lambda: dst.copy_(src))
-    m = 4096 if cuda else 512
-    dtype = torch.bfloat16 if cuda else torch.float32
-    a = torch.randn(m, m, device=device, dtype=dtype)
-    flop_rate = 2 * m**3 / _time(lambda: a @ a)
-    name = torch.cuda.get_device_name(device) if cuda else "cpu"
-    return Machine(name, bandwidth, flop_rate)
-
-
-def _roofline(machine: Machine, nbytes: float, flops: float) -> float:
+def roofline(machine: Machine, nbytes: float, flops: float) -> float:
     return max(nbytes / machine.bandwidth, flops / machine.flop_rate)
 
 
-def _analytic_layer(shape: ModelShape, machine: Machine, spec: LayerSpec, batch: int, context: int) -> float:
-    db, b = shape.dtype_bytes, batch
-    mlp = _roofline(machine, shape.mlp_params * db, 2 * b * shape.mlp_params)
-    if spec.kind == "none":
-        return mlp
-    proj = _roofline(machine, shape.attn_params * db, 2 * b * shape.attn_params)
-    span = context if spec.kind == "softmax" else spec.window + spec.sinks
-    extra = 0 if spec.kind == "softmax" else 2 * spec.feature_dim  # linear state read and query
-    flops = 4 * b * shape.heads * (span + extra) * shape.head_dim
-    return mlp + proj + _roofline(machine, b * KV_BYTES[spec.kind](shape, spec, context), flops)
+def analytic_layer(shape: ModelShape, machine: Machine, spec: LayerSpec, batch: int, context: int) -> float:
+    """MLP, plus the attention projections and core of kinds that attend, each at its roofline."""
+    db, b, kind = shape.dtype_bytes, batch, KINDS[spec.kind]
+    seconds = roofline(machine, shape.mlp_params * db, 2 * b * shape.mlp_params)
+    if kind.attends:
+        seconds += roofline(machine, shape.attn_params * db, 2 * b * shape.attn_params)
+        seconds += roofline(machine, *kind.decode_traffic(shape, spec, batch, context))
+    return seconds
 
 
 def analytic_table(shape: ModelShape, batch: int, context: int, specs, machine: Machine) -> CostTable:
     """Roofline estimate of each kind's cost (no launch overheads: a lower bound on GPUs)."""
     head_params = shape.vocab * shape.hidden
-    head = _roofline(machine, head_params * shape.dtype_bytes, 2 * batch * head_params)
-    layer = {spec_key(s): _analytic_layer(shape, machine, s, batch, context) for s in specs}
+    head = roofline(machine, head_params * shape.dtype_bytes, 2 * batch * head_params)
+    layer = {spec_key(s): analytic_layer(shape, machine, s, batch, context) for s in specs}
     return CostTable(machine.name, shape, batch, context, "analytic", head, layer, machine.bandwidth, machine.flop_rate)
 
 
 def default_specs(plans) -> list[LayerSpec]:
-    """softmax, none, and every distinct lswa spec of ``plans``."""
-    specs = {"softmax": LayerSpec(kind="softmax"), "none": LayerSpec(kind="none")}
+    """One spec of every kind without numbers, and every distinct spec with numbers in ``plans``."""
+    specs = {k.name: LayerSpec(kind=k.name) for k in KINDS.values() if not k.fields}
     for plan in plans:
         for s in plan.layers:
             specs.setdefault(spec_key(s), s)
     return list(specs.values())
 
 
-def table_for(shape: ModelShape, batch: int, context: int, specs, device: str = "cpu",
-              measure: bool | None = None, refresh: bool = False) -> CostTable:
-    """The table for this device/shape/batch/context, from the disk cache or built now.
+# -- stored tables -------------------------------------------------------------------------------
+def _table_name(table: CostTable) -> str:
+    device = "".join(c if c.isalnum() else "-" for c in table.device.lower()).strip("-")
+    return f"{device}-{stable_hash(asdict(table.shape))}-b{table.batch}-c{table.context}.json"
 
-    ``measure`` (default: on CUDA) runs the engine micro-benchmarks; otherwise analytic.
-    """
-    measure = device.startswith("cuda") if measure is None else measure
-    machine = measure_machine(device)
-    keys = sorted(spec_key(s) for s in specs)
-    path = cache_dir("cost") / f"{stable_hash(machine.name, asdict(shape), batch, context, keys, measure)}.json"
-    if path.is_file() and not refresh:
-        import json
 
-        table = CostTable.from_dict(json.loads(path.read_text()))
-        if set(keys) <= set(table.layer):
+def save_calibrated(table: CostTable, folder: str | Path | None = None) -> Path:
+    """Write a calibrated table to ``folder`` (default: the cache, where :func:`find_table` looks)."""
+    folder = Path(folder) if folder else cache_dir("cost", "calibrated")
+    return atomic_write_json(folder / _table_name(table), table.to_dict())
+
+
+def _tables_in(folder) -> list[CostTable]:
+    out = []
+    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+        if path.name.endswith(".json"):
+            try:
+                out.append(CostTable.from_dict(json.loads(path.read_text())))
+            except (ValueError, TypeError, KeyError):
+                continue  # a damaged user file is skipped, never fatal: the shipped tables remain
+    return out
+
+
+def shipped_tables() -> list[CostTable]:
+    """Tables measured on real devices and shipped with lbsearch (``lbsearch/cost_tables``)."""
+    folder = resources.files("lbsearch").joinpath("cost_tables")
+    return _tables_in(Path(str(folder)))
+
+
+def find_table(device_name: str, shape: ModelShape, batch: int, context: int, specs) -> CostTable | None:
+    """A calibrated (cache) or shipped table for exactly this device, shape, batch and context that
+    covers ``specs``; the user's own calibration wins over the shipped one."""
+    for table in _tables_in(cache_dir("cost", "calibrated")) + shipped_tables():
+        if (table.device == device_name and table.shape == shape and table.batch == batch
+                and table.context == context and table.covers(specs)):
             return table
-    if measure:
-        from .bench import measure_layer_costs
+    return None
 
-        head, layer = measure_layer_costs(shape, batch, context, specs, device)
-        table = CostTable(machine.name, shape, batch, context, "measured", head, layer,
-                          machine.bandwidth, machine.flop_rate)
-    else:
-        table = analytic_table(shape, batch, context, specs, machine)
-    atomic_write_json(path, table.to_dict())
+
+def target_table(device: str, shape: ModelShape, batch: int, context: int, specs,
+                 local: Machine | None = None) -> CostTable:
+    """The table a search predicts throughput with: measured when one matches, else analytic.
+
+    ``device`` names a known device (``DEVICES``) or is "local" (``local``, the measured machine
+    this process runs on). An analytic fallback says so in ``notes["fallback"]``.
+    """
+    machine = local if device == "local" else DEVICES.get(device)
+    if machine is None:
+        raise ValueError(f"unknown target device {device!r}; known: local, {', '.join(DEVICES)}")
+    table = find_table(machine.name, shape, batch, context, specs)
+    if table is not None:
+        return table
+    table = analytic_table(shape, batch, context, specs, machine)
+    table.notes["fallback"] = (f"no measured cost table for {machine.name}, batch {batch}, context {context} "
+                               "and this model shape: analytic roofline (an upper bound on speed)")
     return table
 
 
@@ -239,11 +236,10 @@ def prefill_flops(shape: ModelShape, plan: Plan, batch: int, prompt_len: int) ->
     tokens = batch * prompt_len
     total = 2 * tokens * shape.layers * shape.mlp_params + 2 * batch * shape.vocab * shape.hidden
     for s in plan.layers:
-        if s.kind == "none":
-            continue
-        total += 2 * tokens * shape.attn_params
-        span = prompt_len / 2 if s.kind == "softmax" else min(prompt_len, s.window + s.sinks) + 2 * s.feature_dim
-        total += 4 * tokens * shape.heads * span * shape.head_dim
+        kind = KINDS[s.kind]
+        if kind.attends:
+            total += 2 * tokens * shape.attn_params
+            total += 4 * tokens * shape.heads * kind.prefill_span(s, prompt_len) * shape.head_dim
     return total
 
 
@@ -288,20 +284,6 @@ def calibrate(table: CostTable, measured: list[tuple[Plan, float]], strength: fl
     notes = {**table.notes, "calibrated_on": [[str(p), s] for p, s in measured]}
     return replace(table, source="calibrated", head=float(fitted[0]),
                    layer={n: float(v) for n, v in zip(names[1:], fitted[1:])}, notes=notes)
-
-
-def save_calibrated(table: CostTable) -> str:
-    """Write a calibrated table beside the measured ones (loaded by :func:`load_calibrated`)."""
-    path = cache_dir("cost") / f"calibrated-{stable_hash(table.device, asdict(table.shape), table.batch, table.context)}.json"
-    atomic_write_json(path, table.to_dict())
-    return str(path)
-
-
-def load_calibrated(device: str, shape: ModelShape, batch: int, context: int) -> CostTable | None:
-    import json
-
-    path = cache_dir("cost") / f"calibrated-{stable_hash(device, asdict(shape), batch, context)}.json"
-    return CostTable.from_dict(json.loads(path.read_text())) if path.is_file() else None
 
 
 def relative_error(predicted: float, measured: float) -> float:

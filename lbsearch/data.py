@@ -56,6 +56,9 @@ SEED_PROMPTS = (
 )
 
 
+SAMPLING = {"temperature": 0.8, "top_p": 0.95}
+
+
 def _save_dataset_atomic(ds, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -81,8 +84,8 @@ def sample_teacher_texts(model, tokenizer, n_tokens: int, seed: int = 0, max_new
         input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
         torch.manual_seed(seed * 100003 + step)
-        out = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=True, temperature=0.8,
-                             top_p=0.95, max_new_tokens=max_new_tokens, pad_token_id=pad)
+        out = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=True, max_new_tokens=max_new_tokens,
+                             pad_token_id=pad, **SAMPLING)
         for row, prompt_len in zip(out.tolist(), (len(x) for x in ids)):
             new = row[width:]
             keep = [t for t in new if t != pad] if pad != tokenizer.eos_token_id else new[: _until_eos(new, pad)]
@@ -95,14 +98,16 @@ def sample_teacher_texts(model, tokenizer, n_tokens: int, seed: int = 0, max_new
 
 
 def teacher_corpus(model, tokenizer, n_tokens: int, seed: int = 0, max_new_tokens: int = 256,
-                   batch_size: int = 16):
+                   batch_size: int = 16, model_key: str = "model"):
     """:func:`sample_teacher_texts` as a ``datasets`` Dataset, cached on disk.
 
-    Keyed by the model, seed, size and prompts, so any change regenerates it.
+    Keyed by everything that shapes the samples (``model_key``, seed, size, length, batch size,
+    prompts, sampling settings), so any change regenerates it.
     """
     from datasets import Dataset, load_from_disk
 
-    key = stable_hash(getattr(model, "lbsearch_key", "model"), seed, n_tokens, max_new_tokens, SEED_PROMPTS)
+    batch_size = min(batch_size, max(16, n_tokens // (max_new_tokens // 2)))  # no batch far larger than needed
+    key = stable_hash(model_key, seed, n_tokens, max_new_tokens, batch_size, SEED_PROMPTS, SAMPLING)
     path = cache_dir("corpora") / f"teacher-{key}"
     if (path / "dataset_info.json").is_file():
         return load_from_disk(str(path))
@@ -148,12 +153,67 @@ def file_corpus(source: str, text_field: str = "text"):
     return ds.select_columns(["text"]).filter(lambda r: bool(r["text"] and r["text"].strip()))
 
 
-def load_corpus(cfg: DataConfig, model=None, tokenizer=None):
+def load_corpus(cfg: DataConfig, model=None, tokenizer=None, model_key: str = "model", batch_size: int = 16):
+    check_training_source(cfg.source)
     if cfg.source == "teacher":
         if model is None or tokenizer is None:
             raise LBSearchError("data.source 'teacher' needs the teacher model and tokenizer")
-        return teacher_corpus(model, tokenizer, cfg.corpus_tokens, cfg.seed)
+        return teacher_corpus(model, tokenizer, cfg.corpus_tokens, cfg.seed, batch_size=batch_size,
+                              model_key=model_key)
     return file_corpus(cfg.source, cfg.text_field)
+
+
+def python_docs(max_chars: int = 4_000_000) -> list[str]:
+    """Docstrings of this Python's standard library over 200 characters (sorted files, parsed with
+    ``ast``, never imported): real technical English on every machine with Python, offline.
+
+    Evaluation text only: it must never enter a training corpus (see :func:`check_training_source`).
+    """
+    import ast
+
+    docs, total = [], 0
+    for path in sorted(stdlib_dir().glob("*.py")):
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, OSError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) > 200:
+                    docs.append(doc)
+                    total += len(doc)
+        if total >= max_chars:
+            break
+    return docs
+
+
+def stdlib_dir() -> Path:
+    import sysconfig
+
+    return Path(sysconfig.get_paths()["stdlib"]).resolve()
+
+
+# Named held-out real-text sources (data.eval_sources); anything else is a local file or folder.
+EVAL_SOURCES = {"python-docs": python_docs}
+
+
+def eval_texts(source: str, text_field: str = "text", max_chars: int = 4_000_000) -> list[str]:
+    """Documents of a held-out evaluation source: a name in EVAL_SOURCES, or a local file/folder."""
+    if source in EVAL_SOURCES:
+        return EVAL_SOURCES[source](max_chars)
+    if not Path(source).exists():
+        raise LBSearchError(f"data.eval_sources: {source!r} is neither a local file/folder nor one of "
+                            f"{', '.join(EVAL_SOURCES)}")
+    return list(file_corpus(source, text_field)["text"])
+
+
+def check_training_source(source: str) -> None:
+    """Refuse training text taken from the Python standard library: evaluation sets are drawn there."""
+    path = Path(source)
+    if path.exists() and (path.resolve() == stdlib_dir() or stdlib_dir() in path.resolve().parents):
+        raise LBSearchError(f"data.source {source!r}: the Python standard library is evaluation text "
+                            "(python-docs) and may not be trained on")
 
 
 def _bucket(index: int, seed: int) -> float:

@@ -51,21 +51,34 @@ def _device(model) -> torch.device:
 
 @torch.no_grad()
 def teacher_logits(model, blocks: torch.Tensor, k: int = TOP_K, batch_size: int = 4,
-                   use_cache: bool = True) -> TeacherLogits:
-    """Top-k teacher log-probs for ``blocks``; cached on disk by model, blocks and k."""
-    key = stable_hash(getattr(model, "lbsearch_key", None), blocks_hash(blocks), k)
-    path = cache_dir("teacher_logits") / f"{key}.safetensors"
-    if use_cache and getattr(model, "lbsearch_key", None) and path.is_file():
-        data = load_file(str(path))
-        return TeacherLogits(data["logprobs"], data["ids"].long())
+                   model_key: str | None = None) -> TeacherLogits:
+    """Top-k teacher log-probs for ``blocks``; cached on disk by ``model_key``, blocks and k
+    (no cache without a key). A damaged cache file is recomputed."""
+    path = None
+    if model_key:
+        path = cache_dir("teacher_logits") / f"{stable_hash(model_key, blocks_hash(blocks), k)}.safetensors"
+        cached = _load_logits(path, blocks.shape)
+        if cached is not None:
+            return cached
     parts = []
     for i in range(0, len(blocks), batch_size):
         logits = model(blocks[i:i + batch_size].to(_device(model))).logits
         parts.append(topk_of(logits, k))
     out = TeacherLogits(torch.cat([p.logprobs.cpu() for p in parts]), torch.cat([p.ids.cpu() for p in parts]))
-    if use_cache and getattr(model, "lbsearch_key", None):
+    if path is not None:
         save_tensors(path, {"logprobs": out.logprobs, "ids": out.ids.int()})
     return out
+
+
+def _load_logits(path, shape) -> TeacherLogits | None:
+    if not path.is_file():
+        return None
+    try:
+        data = load_file(str(path))
+        out = TeacherLogits(data["logprobs"], data["ids"].long())
+    except Exception:  # noqa: BLE001 - any damage (truncated, garbage, wrong keys) means: recompute
+        return None
+    return out if tuple(out.logprobs.shape[:2]) == tuple(shape) else None
 
 
 def kl_from_logprobs(logq: torch.Tensor, teacher: TeacherLogits) -> torch.Tensor:
@@ -113,3 +126,46 @@ def evaluate(model, blocks: torch.Tensor, teacher: TeacherLogits, batch_size: in
         logits = model(blocks[sl].to(_device(model))).logits
         sums += quality_sums(logits, blocks[sl], teacher.batch(sl))
     return quality_from_sums(sums)
+
+
+class PrefixStates:
+    """The teacher's hidden states on fixed blocks at every ``every``-th layer input, so a plan
+    that changes layers from ``f`` on is evaluated from the nearest stored layer at or before ``f``
+    (layers before a change compute exactly what the teacher computes).
+
+    ``every`` is the smallest stride whose states fit ``max_bytes``; computed on first use.
+    """
+
+    def __init__(self, blocks: torch.Tensor, batch_size: int = 4, max_bytes: int = 2**30):
+        self.blocks, self.batch_size, self.max_bytes = blocks, batch_size, max_bytes
+        self.every = 1
+        self.states: list[dict[int, torch.Tensor]] | None = None
+
+    @torch.no_grad()
+    def build(self, model) -> None:
+        from .layers import hidden_states
+        from .models import decoder_layers
+
+        n_layers = len(decoder_layers(model))
+        per_state = self.blocks.numel() * model.config.hidden_size * next(model.parameters()).element_size()
+        self.every = max(1, -(-per_state * (n_layers + 1) // self.max_bytes))
+        self.states = []
+        for i in range(0, len(self.blocks), self.batch_size):
+            states, _ = hidden_states(model, self.blocks[i:i + self.batch_size].to(_device(model)))
+            self.states.append({j: s for j, s in enumerate(states) if j % self.every == 0})
+
+    @torch.no_grad()
+    def evaluate(self, model, teacher: TeacherLogits, first_changed: int) -> Quality:
+        """Quality of ``model`` (plan applied) whose layers before ``first_changed`` are the teacher's."""
+        from .layers import head, position_inputs, run_layers
+
+        if self.states is None:
+            raise RuntimeError("PrefixStates.build(teacher) first")
+        start = first_changed - first_changed % self.every
+        sums = torch.zeros(5, dtype=torch.float64)
+        for b, states in enumerate(self.states):
+            sl = slice(b * self.batch_size, (b + 1) * self.batch_size)
+            ids = self.blocks[sl].to(_device(model))
+            hidden = run_layers(model, states[start], start, *position_inputs(model, ids))
+            sums += quality_sums(head(model, hidden), self.blocks[sl], teacher.batch(sl))
+        return quality_from_sums(sums)

@@ -94,8 +94,8 @@ def _cached_copy(gguf: Path, key: str) -> Path:
     return folder
 
 
-def _resolve(ref: str) -> tuple[str | Path, str]:
-    """Where to load from, and a key that identifies the weights for caches."""
+def resolve_model(ref: str) -> tuple[str | Path, str]:
+    """Where to load ``ref`` from, and a key that identifies its weights for caches."""
     if ref in REGISTRY:
         key = f"{ref}-{REGISTRY[ref].fingerprint()}"
         return _cached_copy(REGISTRY[ref].locate(), key), key
@@ -117,29 +117,42 @@ def _resolve(ref: str) -> tuple[str | Path, str]:
 
 def load_teacher(ref: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32, device: str | None = None,
                  trust_remote_code: bool = False):
-    """Load a causal LM in eval mode with frozen weights. ``model.lbsearch_key`` identifies it for caches."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """Load a causal LM in eval mode with frozen weights (:func:`model_key` names it for caches)."""
+    from transformers import AutoModelForCausalLM
 
-    source, key = _resolve(ref)
-    try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-    except OSError as exc:
-        raise LBSearchError(f"model {ref!r}: cannot load ({str(exc).splitlines()[0]})") from None
-    check_family(config, ref)
+    source, _ = resolve_model(ref)
+    config = load_config(ref, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype,
                                                  trust_remote_code=trust_remote_code,
                                                  attn_implementation="sdpa")
     model.eval().requires_grad_(False)
     if device:
         model.to(device)
-    model.lbsearch_key = key
     return model
+
+
+def model_key(ref: str) -> str:
+    """The cache key of ``ref``'s weights (converting a GGUF on first use, like :func:`load_teacher`)."""
+    return resolve_model(ref)[1]
+
+
+def load_config(ref: str = DEFAULT_MODEL, *, trust_remote_code: bool = False):
+    """The model's config without its weights (a supported family, else a one-line error)."""
+    from transformers import AutoConfig
+
+    source, _ = resolve_model(ref)
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise LBSearchError(f"model {ref!r}: cannot read its config ({str(exc).splitlines()[0][:200]})") from None
+    check_family(config, ref)
+    return config
 
 
 def load_tokenizer(ref: str = DEFAULT_MODEL, *, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    source, _ = _resolve(ref)
+    source, _ = resolve_model(ref)
     return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
 
 

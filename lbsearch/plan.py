@@ -1,8 +1,9 @@
 """Per-layer attention plans: frozen specs, the compact string codec, a stable key, JSON/YAML.
 
-A plan string has one token per layer: ``S`` (softmax), ``N`` (none) or ``L`` (lswa) with an
-optional window (``L128``), sink count (``s4``) and feature dim (``f64``): ``"SSL128N"``.
-Missing LSWA fields come from the defaults (normally the search space's).
+A plan string has one token per layer: the kind's letter (``S`` softmax, ``N`` none, ``L`` lswa;
+see :mod:`lbsearch.attention`) followed by the numbers the kind takes, e.g. lswa's window
+(``L128``), sink count (``s4``) and feature dim (``f64``): ``"SSL128N"``. Missing numbers come
+from the defaults (normally the search space's).
 """
 from __future__ import annotations
 
@@ -14,16 +15,16 @@ from pathlib import Path
 
 import yaml
 
+from .attention import BY_LETTER, KINDS
 from .errors import LBSearchError
 
-KIND_LETTERS = {"softmax": "S", "lswa": "L", "none": "N"}
-LETTER_KINDS = {v: k for k, v in KIND_LETTERS.items()}
-_TOKEN = re.compile(r"([SLN])(\d+)?(?:s(\d+))?(?:f(\d+))?")
+_TOKEN = re.compile(r"([A-Z])(\d*)((?:[a-z]\d+)*)")
+_NUMBER = re.compile(r"([a-z])(\d+)")
 
 
 @dataclass(frozen=True, kw_only=True)
 class LSWADefaults:
-    """Values an ``L`` token without numbers gets."""
+    """Values a token gets for the numbers it leaves out (the fields of every kind that takes them)."""
 
     window: int = 64
     sinks: int = 4
@@ -31,6 +32,7 @@ class LSWADefaults:
 
 
 DEFAULTS = LSWADefaults()
+SPEC_FIELDS = ("window", "sinks", "feature_dim")  # every number a kind may take (LayerSpec attributes)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,17 +45,16 @@ class LayerSpec:
     feature_dim: int | None = None
 
     def __post_init__(self):
-        if self.kind not in KIND_LETTERS:
-            raise LBSearchError(f"unknown attention kind {self.kind!r}; allowed: {', '.join(KIND_LETTERS)}")
-        if self.kind == "lswa":
-            for name in ("window", "sinks", "feature_dim"):
-                value = getattr(self, name)
-                if value is None or value < (0 if name == "sinks" else 1):
-                    raise LBSearchError(f"lswa {name} must be a {'non-negative' if name == 'sinks' else 'positive'} integer, got {value!r}")
-            if self.feature_dim % 2:
-                raise LBSearchError(f"lswa feature_dim must be even (two halves), got {self.feature_dim}")
-        elif (self.window, self.sinks, self.feature_dim) != (None, None, None):
-            raise LBSearchError(f"{self.kind} layers take no window, sinks or feature_dim")
+        if self.kind not in KINDS:
+            raise LBSearchError(f"unknown attention kind {self.kind!r}; allowed: {', '.join(KINDS)}")
+        taken = {f.name for f in KINDS[self.kind].fields}
+        for field in KINDS[self.kind].fields:
+            problem = field.problem(getattr(self, field.name))
+            if problem:
+                raise LBSearchError(f"{self.kind} {problem}")
+        extra = [n for n in SPEC_FIELDS if n not in taken and getattr(self, n) is not None]
+        if extra:
+            raise LBSearchError(f"{self.kind} layers take no {', '.join(extra)}")
 
     @classmethod
     def lswa(cls, window: int | None = None, sinks: int | None = None, feature_dim: int | None = None,
@@ -63,14 +64,13 @@ class LayerSpec:
                    feature_dim=defaults.feature_dim if feature_dim is None else feature_dim)
 
     def token(self) -> str:
-        """Compact token; sinks and feature dim are written only when they differ from DEFAULTS."""
-        if self.kind != "lswa":
-            return KIND_LETTERS[self.kind]
-        text = f"L{self.window}"
-        if self.sinks != DEFAULTS.sinks:
-            text += f"s{self.sinks}"
-        if self.feature_dim != DEFAULTS.feature_dim:
-            text += f"f{self.feature_dim}"
+        """Compact token: the letter, the first number, then prefixed numbers that differ from DEFAULTS."""
+        kind = KINDS[self.kind]
+        text = kind.letter
+        for i, field in enumerate(kind.fields):
+            value = getattr(self, field.name)
+            if i == 0 or value != getattr(DEFAULTS, field.name):
+                text += f"{field.prefix}{value}"
         return text
 
     def to_dict(self) -> dict:
@@ -89,17 +89,10 @@ class Plan:
         specs, pos = [], 0
         while pos < len(compact):
             match = _TOKEN.match(compact, pos)
-            if not match:
-                raise LBSearchError(f"plan {text!r}: cannot read {compact[pos:]!r} at layer {len(specs)}; "
-                                    "use S, N or L[window][s<sinks>][f<feature_dim>] per layer")
-            letter, window, sinks, feat = match.groups()
-            if letter != "L" and (window or sinks or feat):
-                raise LBSearchError(f"plan {text!r}: only L takes numbers (layer {len(specs)})")
-            if letter == "L":
-                specs.append(LayerSpec.lswa(*(None if x is None else int(x) for x in (window, sinks, feat)),
-                                            defaults=defaults))
-            else:
-                specs.append(LayerSpec(kind=LETTER_KINDS[letter]))
+            if not match or match.group(1) not in BY_LETTER:
+                raise LBSearchError(f"plan {_short(text)}: cannot read {_short(compact[pos:])} at layer {len(specs)}; "
+                                    f"use per layer {_grammar()}")
+            specs.append(_spec_from_token(match, defaults, text, len(specs)))
             pos = match.end()
         if not specs:
             raise LBSearchError(f"plan {text!r} is empty")
@@ -181,6 +174,32 @@ class Plan:
         if len(self) != n_layers:
             raise LBSearchError(f"{source}: {len(self)} layers in plan {str(self)!r}, the model has {n_layers}")
         return self
+
+
+def _short(text: str, limit: int = 60) -> str:
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+def _grammar() -> str:
+    parts = []
+    for kind in KINDS.values():
+        numbers = "".join(f"[{f.prefix}<{f.name}>]" for f in kind.fields)
+        parts.append(kind.letter + numbers)
+    return " or ".join(parts)
+
+
+def _spec_from_token(match: re.Match, defaults: LSWADefaults, text: str, layer: int) -> LayerSpec:
+    kind = BY_LETTER[match.group(1)]
+    numbers = {"": match.group(2)} if match.group(2) else {}
+    numbers.update(_NUMBER.findall(match.group(3)))
+    by_prefix = {f.prefix: f for f in kind.fields}
+    unknown = [p or "(number)" for p in numbers if p not in by_prefix]
+    if unknown:
+        raise LBSearchError(f"plan {_short(text)}: layer {layer}: {kind.letter} takes no {', '.join(unknown)}; "
+                            f"use {_grammar()}")
+    values = {f.name: int(numbers[f.prefix]) if f.prefix in numbers else getattr(defaults, f.name)
+              for f in kind.fields}
+    return LayerSpec(kind=kind.name, **values)
 
 
 def resolve_plan(text_or_path: str, defaults: LSWADefaults = DEFAULTS) -> Plan:

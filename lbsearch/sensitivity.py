@@ -110,7 +110,8 @@ def _single_change(n_layers: int, layer: int, spec: LayerSpec) -> Plan:
 
 @torch.no_grad()
 def sensitivity(model, blocks: torch.Tensor, teacher: TeacherLogits, specs: dict[str, LayerSpec],
-                batch_size: int = 4, libraries: dict | None = None, progress: bool = True) -> SensitivityTable:
+                batch_size: int = 4, libraries: dict | None = None, progress: bool = True,
+                model_name: str = "model") -> SensitivityTable:
     """The table, reusing the teacher's hidden states up to each changed layer.
 
     ``specs`` names the columns; ``libraries`` maps a column to the block library whose trained
@@ -137,13 +138,14 @@ def sensitivity(model, blocks: torch.Tensor, teacher: TeacherLogits, specs: dict
         del states
     bar.close()
     return SensitivityTable(
-        model=getattr(model, "lbsearch_key", "model"), tokens=blocks.numel(), base=quality_from_sums(base),
+        model=model_name, tokens=blocks.numel(), base=quality_from_sums(base),
         specs=dict(specs), rows={k: [quality_from_sums(s) for s in v] for k, v in sums.items()})
 
 
 @torch.no_grad()
 def sensitivity_naive(model, blocks: torch.Tensor, teacher: TeacherLogits, specs: dict[str, LayerSpec],
-                      batch_size: int = 4, libraries: dict | None = None, progress: bool = True) -> SensitivityTable:
+                      batch_size: int = 4, libraries: dict | None = None, progress: bool = True,
+                      model_name: str = "model") -> SensitivityTable:
     """The same table with a full forward per changed layer: the baseline the fast one is checked against."""
     libraries = libraries or {}
     n_layers = len(decoder_layers(model))
@@ -156,7 +158,7 @@ def sensitivity_naive(model, blocks: torch.Tensor, teacher: TeacherLogits, specs
                 rows[kind].append(evaluate(model, blocks, teacher, batch_size))
             bar.update()
     bar.close()
-    return SensitivityTable(model=getattr(model, "lbsearch_key", "model"), tokens=blocks.numel(), base=base,
+    return SensitivityTable(model=model_name, tokens=blocks.numel(), base=base,
                             specs=dict(specs), rows=rows)
 
 
@@ -174,4 +176,17 @@ def threshold_plan(table: SensitivityTable, n_none: int, n_lswa: int, lswa: Laye
         plan = plan.with_layer(i, LayerSpec(kind="none"))
     for i in linear:
         plan = plan.with_layer(i, lswa)
+    return plan
+
+
+def remove_only_plan(table: SensitivityTable, n_none: int, pinned: tuple[int, ...] = ()) -> Plan:
+    """The threshold plan's removed layers, every other layer softmax (removal alone)."""
+    return threshold_plan(table, n_none, 0, pinned=pinned)
+
+
+def uniform_plan(n_layers: int, spec: LayerSpec, pinned: tuple[int, ...] = ()) -> Plan:
+    """Every layer ``spec`` except the pinned ones, which stay softmax."""
+    plan = Plan.uniform(n_layers, spec)
+    for i in pinned:
+        plan = plan.with_layer(i, LayerSpec(kind="softmax"))
     return plan

@@ -4,17 +4,28 @@ Every bad input is one :class:`LBSearchError` line naming the file, the key path
 """
 from __future__ import annotations
 
+from dataclasses import fields
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError, field_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt,
+                      TypeAdapter, ValidationError, field_validator)
 
+from .attention import KINDS
 from .errors import LBSearchError
-from .plan import KIND_LETTERS, LayerSpec, LSWADefaults, Plan
+from .plan import LayerSpec, LSWADefaults, Plan
+from .recipe import HealConfig, TransferConfig
 
-Kind = Literal["softmax", "lswa", "none"]
+
+def _known_kind(name: str) -> str:
+    if name not in KINDS:
+        raise ValueError(f"unknown kind {name!r}; allowed: {', '.join(KINDS)}")
+    return name
+
+
+Kind = Annotated[str, AfterValidator(_known_kind)]
 Objective = Literal["kl", "perplexity", "agreement", "throughput", "memory"]
 
 
@@ -48,22 +59,75 @@ class Constraints(_Strict):
     context: PositiveInt = 4096
 
 
+MAX_TOKENS = 10**11  # larger budgets are typos, not plans
+
+
 class Budgets(_Strict):
-    calibration_tokens: PositiveInt = 16384
-    healing_tokens: PositiveInt = 10_000_000
-    healing_tokens_cpu: PositiveInt = 16384
-    eval_tokens: PositiveInt = 4096
-    sensitivity_tokens: PositiveInt = 2048
+    """Token budgets; the ``_cpu`` variants apply when the workspace runs without a GPU."""
+
+    calibration_tokens: PositiveInt = Field(16384, le=MAX_TOKENS)
+    healing_tokens: PositiveInt = Field(10_000_000, le=MAX_TOKENS)  # fidelity "full"
+    healing_tokens_cpu: PositiveInt = Field(16384, le=MAX_TOKENS)
+    trial_healing_tokens: PositiveInt = Field(250_000, le=MAX_TOKENS)  # fidelity "brief"
+    trial_healing_tokens_cpu: PositiveInt = Field(2048, le=MAX_TOKENS)
+    eval_tokens: PositiveInt = Field(4096, le=MAX_TOKENS)
+    sensitivity_tokens: PositiveInt = Field(2048, le=MAX_TOKENS)
+
+
+class Target(_Strict):
+    """Where the healed model will be served: the throughput objective is predicted for this."""
+
+    device: str = "h200"  # a known device (lbsearch.cost.DEVICES) or "local"
+    batch: PositiveInt = Field(200, le=1_000_000)
+    prompt: PositiveInt = Field(1024, le=10_000_000)
+    output: PositiveInt = Field(256, le=10_000_000)
+
+    @property
+    def context(self) -> int:
+        """Mean cached tokens over the decode (what the cost tables are measured at)."""
+        return self.prompt + self.output // 2
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, name):
+        from .cost import DEVICES
+
+        if name != "local" and name not in DEVICES:
+            raise ValueError(f"unknown device {name!r}; allowed: local, {', '.join(DEVICES)}")
+        return name
+
+
+def _overrides_of(config_cls, exclude: tuple[str, ...] = ()):
+    """A validator for a dict of overrides of a frozen config dataclass (keys, types, its own checks)."""
+    allowed = [f.name for f in fields(config_cls) if f.name not in exclude]
+
+    def check(values: dict[str, Any]) -> dict[str, Any]:
+        unknown = [k for k in values if k not in allowed]
+        if unknown:
+            raise ValueError(f"unknown key {unknown[0]!r}; allowed: {', '.join(allowed)}")
+        try:
+            TypeAdapter(config_cls).validate_python(values, strict=False)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(p) for p in err["loc"])
+            raise ValueError(f"{where + ': ' if where else ''}{_message(err)}") from None
+        except LBSearchError as exc:
+            raise ValueError(str(exc)) from None
+        return dict(values)
+
+    return AfterValidator(check)
 
 
 class DataConfig(_Strict):
     source: str = "teacher"  # "teacher" (generated), a local .txt/.json/.jsonl/.parquet file or dir, or a hub name
+    # held-out real text measured beside the held-out split (never trained on); see lbsearch.data.EVAL_SOURCES
+    eval_sources: list[str] = Field(default_factory=list)
     text_field: str = "text"
-    seq_len: PositiveInt = 512
-    corpus_tokens: PositiveInt = 24576  # size of the teacher-generated corpus
+    seq_len: PositiveInt = Field(512, le=1_000_000)
+    corpus_tokens: PositiveInt = Field(24576, le=MAX_TOKENS)  # size of the teacher-generated corpus
     # GPU healing (source "teacher") trains on a separate teacher corpus of this size, so a 10M-token
     # budget repeats each block a few times instead of hundreds; 0, or on CPU: the train split
-    healing_corpus_tokens: NonNegativeInt = 2_500_000
+    healing_corpus_tokens: NonNegativeInt = Field(2_500_000, le=MAX_TOKENS)
     heldout_fraction: float = Field(0.25, gt=0, lt=1)
     calibration_fraction: float = Field(0.25, gt=0, lt=1)
     seed: int = 0
@@ -75,8 +139,12 @@ class SearchSpace(_Strict):
     lswa: LSWAChoices = Field(default_factory=LSWAChoices)
     constraints: Constraints = Field(default_factory=Constraints)
     objectives: list[Objective] = Field(default_factory=lambda: ["kl", "throughput"], min_length=1)
+    target: Target = Field(default_factory=Target)
     budgets: Budgets = Field(default_factory=Budgets)
     data: DataConfig = Field(default_factory=DataConfig)
+    # overrides of lbsearch.distill.HealConfig / TransferConfig (their defaults live there)
+    heal: Annotated[dict[str, Any], _overrides_of(HealConfig, exclude=("tokens",))] = Field(default_factory=dict)
+    transfer: Annotated[dict[str, Any], _overrides_of(TransferConfig)] = Field(default_factory=dict)
 
     @property
     def lswa_defaults(self) -> LSWADefaults:
@@ -88,6 +156,25 @@ class SearchSpace(_Strict):
 
     def allowed_kinds(self, layer: int) -> list[str]:
         return list(self.kinds.layers.get(layer, self.kinds.default))
+
+    def kind_specs(self, kind: str) -> list[LayerSpec]:
+        """Every spec of ``kind`` the space allows: the product of the space's values of its numbers."""
+        values = {"window": self.lswa.windows, "sinks": self.lswa.sinks, "feature_dim": self.lswa.feature_dims}
+        combos = [{}]
+        for f in KINDS[kind].fields:
+            combos = [{**c, f.name: v} for c in combos for v in values[f.name]]
+        return [LayerSpec(kind=kind, **c) for c in combos]
+
+    def layer_specs(self, layer: int) -> list[LayerSpec]:
+        """The choices of one layer (a search parameter when there is more than one)."""
+        return [spec for kind in self.allowed_kinds(layer) for spec in self.kind_specs(kind)]
+
+    def all_specs(self, n_layers: int) -> list[LayerSpec]:
+        """Every distinct spec any layer may take, softmax first (what cost tables must cover)."""
+        specs = {s: None for s in self.kind_specs("softmax")}
+        for i in range(n_layers):
+            specs.update({s: None for s in self.layer_specs(i)})
+        return list(specs)
 
     def check_layers(self, n_layers: int, source: str = "space") -> "SearchSpace":
         for idx in self.kinds.layers:
@@ -120,15 +207,25 @@ def _allowed_keys(loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
+def _message(error: dict) -> str:
+    msg = error["msg"]
+    return msg[len("Value error, "):] if msg.startswith("Value error, ") else msg
+
+
+def _shown(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _one_line(error: dict, source: str) -> str:
     loc = tuple(error["loc"])
     path = ".".join(str(p) for p in loc) or "(top level)"
     if error["type"] == "extra_forbidden":
         allowed = _allowed_keys(loc)
         return f"{source}: {path}: unknown key; allowed: {', '.join(allowed)}"
-    if error["type"] == "literal_error" and "kinds" in loc:
-        return f"{source}: {path}: unknown kind {error.get('input')!r}; allowed: {', '.join(KIND_LETTERS)}"
-    return f"{source}: {path}: {error['msg']} (got {error.get('input')!r})"
+    if error["type"] == "value_error":
+        return f"{source}: {path}: {_message(error)}"
+    return f"{source}: {path}: {_message(error)} (got {_shown(error.get('input'))})"
 
 
 def parse_space(data: dict | None, source: str = "space") -> SearchSpace:

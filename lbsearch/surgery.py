@@ -11,15 +11,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from torch import nn
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache
 
-from .attention import build_attention
-from .attention.lswa import LSWACacheLayer, LSWAttention
-from .attention.none import PassThroughCacheLayer
+from .attention import KINDS, ORIGINAL, build_attention, kind_of_module
 from .models import decoder_layers
 from .plan import Plan
-
-CACHE_LAYERS = {"softmax": DynamicLayer, "lswa": LSWACacheLayer, "none": PassThroughCacheLayer}
 
 
 @dataclass
@@ -35,7 +31,6 @@ class SurgeryHandle:
         for idx, attn in self.originals.items():
             layers[idx].self_attn = attn
         self.originals.clear()
-        self.model.lbsearch_plan = None
 
     @contextmanager
     def suspended(self):
@@ -60,36 +55,36 @@ class SurgeryHandle:
 def apply_plan(model: nn.Module, plan: Plan, library=None) -> SurgeryHandle:
     """Change every layer to its kind in ``plan`` (in place). Use the handle to restore.
 
-    ``library`` (a block library, see :mod:`lbsearch.distill`) supplies trained LSWA parameters.
-    A model already changed is first restored, so plans do not stack.
+    ``library`` (a block library, see :mod:`lbsearch.distill`) supplies the trained parameters of
+    kinds that have them. The model must be unchanged (all layers original): plans do not stack.
     """
     layers = decoder_layers(model)
     plan.check(len(layers))
-    previous = getattr(model, "lbsearch_handle", None)
-    if previous is not None and previous.originals:
-        previous.restore()
+    changed = [i for i, layer in enumerate(layers) if kind_of_module(layer.self_attn).name != ORIGINAL]
+    if changed:
+        raise RuntimeError(f"layers {changed} are already changed by another plan; restore its handle first")
     handle = SurgeryHandle(model, plan)
     try:
         for idx, (layer, spec) in enumerate(zip(layers, plan.layers)):
-            if spec.kind == "softmax":
+            new = build_attention(layer.self_attn, spec)
+            if new is layer.self_attn:
                 continue
             handle.originals[idx] = layer.self_attn
-            layer.self_attn = build_attention(layer.self_attn, spec)
-            if library is not None and spec.kind == "lswa":
-                library.load_into(layer.self_attn, idx, spec)
+            layer.self_attn = new
+            if library is not None and KINDS[spec.kind].trainable:
+                library.load_into(new, idx, spec)
     except BaseException:
         handle.restore()  # all or nothing
         raise
-    model.lbsearch_handle = handle
-    model.lbsearch_plan = plan
     return handle
 
 
 def plan_cache(plan: Plan) -> Cache:
     """A transformers Cache with one entry per layer of the plan's kind."""
-    return Cache(layers=[CACHE_LAYERS[spec.kind]() for spec in plan.layers])
+    return Cache(layers=[KINDS[spec.kind].cache_layer() for spec in plan.layers])
 
 
-def lswa_modules(model: nn.Module) -> dict[int, LSWAttention]:
+def trainable_modules(model: nn.Module) -> dict[int, nn.Module]:
+    """Installed attention modules whose kind has new parameters (``new_parameters()``), by layer."""
     return {i: layer.self_attn for i, layer in enumerate(decoder_layers(model))
-            if isinstance(layer.self_attn, LSWAttention)}
+            if kind_of_module(layer.self_attn).trainable}

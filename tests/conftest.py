@@ -26,7 +26,6 @@ def tiny_model(family: str = "llama", seed: int = 0, **kwargs):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(family, **kwargs), dtype=torch.float32)
     model.eval().requires_grad_(False)
-    model.lbsearch_key = f"tiny-{family}-{seed}"
     return model
 
 
@@ -51,3 +50,33 @@ def cache_home(tmp_path, monkeypatch):
     """A private LBSEARCH_CACHE for tests that check what gets cached."""
     monkeypatch.setenv("LBSEARCH_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache"
+
+
+WORDS = ("model layer attention window token cache memory search plan teacher student kernel budget "
+         "throughput quality sink linear softmax heal block library trial front worker driver").split()
+
+
+def write_tiny_space(root, tokenizer, *, layers: int = 4, extra: str = "", docs: int = 240) -> "Path":
+    """A tiny random llama (vocab of the default tokenizer), a local text corpus and a space YAML
+    using both; returns the YAML's path. Cheap enough for a Workspace per test."""
+    import json
+    import random
+    from pathlib import Path
+
+    root = Path(root)
+    model = tiny_model("llama", vocab=49152, layers=layers)
+    model.save_pretrained(root / "tiny")
+    tokenizer.save_pretrained(root / "tiny")
+    rng = random.Random(0)
+    lines = [json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 60))) + "."})
+             for _ in range(docs)]
+    (root / "corpus.jsonl").write_text("\n".join(lines))
+    space = root / "space.yaml"
+    space.write_text(f"model: {root / 'tiny'}\n"
+                     f"data: {{source: {root / 'corpus.jsonl'}, seq_len: 32}}\n"
+                     "budgets: {eval_tokens: 128, calibration_tokens: 128, sensitivity_tokens: 64, "
+                     "healing_tokens_cpu: 256, trial_healing_tokens_cpu: 128}\n"
+                     "lswa: {windows: [8, 16], feature_dims: [16]}\n"
+                     "transfer: {steps: 3}\n"
+                     "heal: {lora_rank: 2}\n" + extra)
+    return space

@@ -37,7 +37,7 @@ def test_bench_command(tmp_path, cache_home, capsys):
     text = capsys.readouterr().out
     assert rc == 0 and "wrote png" in text and "calibrated cost table" in text
     data = json.loads((tmp_path / "out" / "bench.json").read_text())
-    assert {r["plan"] for r in data["rows"]} >= {"SSSS", "SNL8N", "floor(base)"}
+    assert {r["plan"] for r in data["rows"]} >= {"SSSS", "SNL8N", "bound(base)"}
     assert (tmp_path / "out" / "bench.png").stat().st_size > 1000
 
 

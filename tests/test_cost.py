@@ -71,12 +71,14 @@ def test_calibration_recovers_costs_from_measurements():
 
 
 def test_table_for_caches_on_disk(cache_home, monkeypatch):
+    from lbsearch import profile
+
     specs = [LayerSpec(kind="softmax"), LayerSpec(kind="none")]
-    monkeypatch.setattr(cost, "measure_machine", lambda device: MACHINE)
-    first = cost.table_for(SHAPE, 8, 256, specs, "cpu")
+    monkeypatch.setattr(profile, "measure_machine", lambda device: MACHINE)
+    first = profile.table_for(SHAPE, 8, 256, specs, "cpu")
     assert first.source == "analytic" and len(list((cache_home / "cost").glob("*.json"))) == 1
-    monkeypatch.setattr(cost, "analytic_table", lambda *a: pytest.fail("rebuilt instead of cached"))
-    assert cost.table_for(SHAPE, 8, 256, specs, "cpu").layer == first.layer
+    monkeypatch.setattr(profile, "analytic_table", lambda *a: pytest.fail("rebuilt instead of cached"))
+    assert profile.table_for(SHAPE, 8, 256, specs, "cpu").layer == first.layer
 
 
 def test_predict_prefill_and_kv_ratios():

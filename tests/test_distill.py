@@ -6,7 +6,8 @@ from conftest import tiny_model
 
 from lbsearch import LBSearchError, LayerSpec, Plan, apply_plan
 from lbsearch.distill import (BlockLibrary, HealConfig, TransferConfig, add_lora, collect_layer_data, heal,
-                              heal_plan, load_healed, lswa_pairs, transfer_layer)
+                              trainable_pairs, transfer_layer)
+from lbsearch.export import load_healed, save_healed
 from lbsearch.distill import healing as heal_module
 from lbsearch.evaluate import evaluate, teacher_logits
 from lbsearch.models import decoder_layers
@@ -30,7 +31,7 @@ def test_transfer_lowers_held_out_error():
 def test_library_assembles_the_trained_block_and_detects_corruption(tmp_path):
     model = tiny_model("llama")
     lib = BlockLibrary(tmp_path, "tiny", "d0", TransferConfig(steps=20))
-    lib.ensure(model, lswa_pairs(PLAN), blocks(), progress=False)
+    lib.ensure(model, trainable_pairs(PLAN), blocks(), progress=False)
     x = blocks(2, 24, seed=9)
     with apply_plan(model, PLAN, lib):
         mod = decoder_layers(model)[1].self_attn
@@ -47,11 +48,11 @@ def test_library_assembles_the_trained_block_and_detects_corruption(tmp_path):
     raw = bytearray(path.read_bytes())
     raw[-3] ^= 0xFF
     path.write_bytes(bytes(raw))
-    assert lib.get(1, SPEC) is None and lib.missing(lswa_pairs(PLAN)) == [(1, SPEC)]
+    assert lib.get(1, SPEC) is None and lib.missing(trainable_pairs(PLAN)) == [(1, SPEC)]
     with pytest.raises(LBSearchError, match="no valid block for layer 1"):
         apply_plan(model, PLAN, lib)
     assert all(type(layer.self_attn).__name__ == "LlamaAttention" for layer in decoder_layers(model))
-    retrained = lib.ensure(model, lswa_pairs(PLAN), blocks(), progress=False)
+    retrained = lib.ensure(model, trainable_pairs(PLAN), blocks(), progress=False)
     assert [r["layer"] for r in retrained] == [1]
     assert lib.get(1, SPEC) is not None
     # another data key or budget is another entry
@@ -72,7 +73,7 @@ def test_healing_lowers_kl_and_keeps_frozen_weights(tmp_path):
     train = blocks(8)
     held = train[:4]  # random tokens do not generalise; the check is that the distillation objective falls
     with handle.suspended():
-        teacher = teacher_logits(model, held, use_cache=False)
+        teacher = teacher_logits(model, held)
     before = evaluate(model, held, teacher)
     cfg = HealConfig(tokens=32 * 4 * 30, lr=1e-2, lora_lr=5e-3, lora_rank=4, checkpoint_tokens=10**9)
     heal(model, handle, train, cfg, tmp_path, progress=False)
@@ -126,14 +127,16 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     assert latest["stem"] == "ckpt-00000003"
 
 
-def test_heal_plan_saves_a_model_that_reloads_to_the_same_logits(tmp_path):
+def test_healed_model_saves_and_reloads_to_the_same_logits(tmp_path):
     model = tiny_model("llama")
     lib = BlockLibrary(tmp_path / "lib", "tiny", "d", TransferConfig(steps=10))
-    held = blocks(3, 32, seed=4)
-    report = heal_plan(model, PLAN, lib, blocks(6), blocks(16), held, teacher_logits(model, held, use_cache=False),
-                       HealConfig(tokens=32 * 4 * 4, lora_rank=4), tmp_path / "out", progress=False)
-    assert report["after"]["kl"] < report["before"]["kl"]
-    assert report["transfer_rel_error"]["max"] >= report["transfer_rel_error"]["mean"] > 0
+    lib.ensure(model, trainable_pairs(PLAN), blocks(6), progress=False)
+    cfg = HealConfig(tokens=32 * 4 * 4, lora_rank=4)
+    handle = apply_plan(model, PLAN, lib)
+    add_lora(model, cfg)
+    state = heal(model, handle, blocks(16), cfg, tmp_path / "out", progress=False)
+    assert state.tokens == 32 * 4 * 4
+    save_healed(model, PLAN, cfg, tmp_path / "out" / "healed", {"tokens": state.tokens})
     x = blocks(2, 20, seed=5)
     healed_logits = model(x).logits
     fresh = tiny_model("llama")
@@ -150,7 +153,7 @@ def test_sensitivity_with_library_column(tmp_path):
     lib = BlockLibrary(tmp_path, "tiny", "d", TransferConfig(steps=15))
     lib.ensure(model, [(i, SPEC) for i in range(3)], blocks(), progress=False)
     held = blocks(2, 32, seed=6)
-    teacher = teacher_logits(model, held, use_cache=False)
+    teacher = teacher_logits(model, held)
     table = sensitivity(model, held, teacher, {"lswa": SPEC, "lswa_trained": SPEC},
                         libraries={"lswa_trained": lib}, progress=False)
     with apply_plan(model, Plan.parse("SSS").with_layer(1, SPEC), lib):

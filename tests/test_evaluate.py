@@ -22,7 +22,7 @@ def test_topk_kl_with_full_vocab_is_exact_kl():
 def test_teacher_against_itself_is_perfect():
     model = tiny_model("llama")
     x = blocks()
-    q = evaluate(model, x, teacher_logits(model, x, use_cache=False), batch_size=2)
+    q = evaluate(model, x, teacher_logits(model, x), batch_size=2)
     assert abs(q.kl) < 1e-6 and q.agreement == 1.0
     logits = model(x).logits
     ce = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten())
@@ -33,7 +33,7 @@ def test_teacher_against_itself_is_perfect():
 def test_changed_model_has_positive_kl():
     model = tiny_model("llama")
     x = blocks()
-    teacher = teacher_logits(model, x, use_cache=False)
+    teacher = teacher_logits(model, x)
     with apply_plan(model, Plan.parse("NNSS")):
         q = evaluate(model, x, teacher)
     assert q.kl > 1e-4 and q.agreement < 1.0
@@ -42,9 +42,9 @@ def test_changed_model_has_positive_kl():
 def test_teacher_logits_are_cached(cache_home):
     model = tiny_model("llama")
     x = blocks()
-    first = teacher_logits(model, x, k=16)
+    first = teacher_logits(model, x, k=16, model_key="tiny")
     files = list(cache_home.glob("teacher_logits/*.safetensors"))
     assert len(files) == 1
     model.forward = None  # a cached call must not run the model
-    second = teacher_logits(model, x, k=16)
+    second = teacher_logits(model, x, k=16, model_key="tiny")
     assert torch.equal(first.logprobs, second.logprobs) and torch.equal(first.ids, second.ids)

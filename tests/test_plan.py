@@ -48,7 +48,7 @@ def test_json_and_yaml_round_trip(tmp_path):
 
 
 @pytest.mark.parametrize("text, words", [
-    ("SXL", "cannot read"), ("S12", "only L takes numbers"), ("", "empty"), ("L0", "window"),
+    ("SXL", "cannot read"), ("S12", "S takes no"), ("", "empty"), ("L0", "window"),
     ("L64f33", "even"),
 ])
 def test_bad_plan_strings(text, words):

@@ -13,7 +13,7 @@ SPECS = {"lswa": LayerSpec(kind="lswa", window=4, sinks=1, feature_dim=8), "none
 def test_reuse_equals_naive(family):
     model = tiny_model(family, layers=5)
     x = torch.randint(0, 96, (3, 20), generator=torch.Generator().manual_seed(6))
-    teacher = teacher_logits(model, x, use_cache=False)
+    teacher = teacher_logits(model, x)
     fast = sensitivity(model, x, teacher, SPECS, batch_size=2, progress=False)
     slow = sensitivity_naive(model, x, teacher, SPECS, batch_size=2, progress=False)
     for kind in SPECS:
@@ -27,7 +27,7 @@ def test_reuse_equals_naive(family):
 def test_table_outputs(tmp_path):
     model = tiny_model("llama", layers=3)
     x = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(7))
-    table = sensitivity(model, x, teacher_logits(model, x, use_cache=False), SPECS, progress=False)
+    table = sensitivity(model, x, teacher_logits(model, x), SPECS, progress=False)
     paths = table.save(tmp_path)
     assert SensitivityTable.load(paths["json"]).to_dict() == table.to_dict()
     csv_lines = paths["csv"].read_text().strip().splitlines()

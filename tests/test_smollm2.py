@@ -36,7 +36,7 @@ def test_mixed_plan_generates_and_sensitivity_runs(smollm):
     chat = tok.apply_chat_template([{"role": "user", "content": "Name three colours."}], tokenize=False,
                                    add_generation_prompt=True)
     prompt = tok(chat, return_tensors="pt")["input_ids"]
-    teacher = teacher_logits(model, ids, use_cache=False)
+    teacher = teacher_logits(model, ids)
     with apply_plan(model, plan):
         out = model.generate(prompt, max_new_tokens=12, do_sample=False)
         seq = prompt

@@ -31,10 +31,13 @@ def test_restore_gives_back_the_original(family):
     assert not torch.equal(model(x).logits, ref)
     handle.restore()
     assert torch.equal(model(x).logits, ref)
-    # a second plan replaces the first instead of stacking on it
-    apply_plan(model, Plan.parse("NSSS"))
-    apply_plan(model, Plan.parse("SSSS"))
-    assert torch.equal(model(x).logits, ref)
+    # plans do not stack: a changed model refuses a second plan until it is restored
+    handle = apply_plan(model, Plan.parse("NSSS"))
+    with pytest.raises(RuntimeError, match="already changed"):
+        apply_plan(model, Plan.parse("SSNS"))
+    handle.restore()
+    with apply_plan(model, Plan.parse("SSSS")):
+        assert torch.equal(model(x).logits, ref)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -13,6 +13,10 @@ where g in (0, 1) is a per-query-head gate and fq / fk are non-negative feature 
 Shapes: q [B, T, H, D], k and v [B, T, Hkv, D], fq [B, T, H, F], fk [B, T, Hkv, F], gate [H];
 query head h reads kv head h // (H // Hkv).
 
+Left padding: with ``start`` [B], row b's tokens j < start[b] do not exist. Its sinks are its
+first real tokens: S_i = {s <= j < s + sinks} U {max(s, i - window + 1) <= j <= i} and
+L_i = {s + sinks <= j <= i - window} with s = start[b]; pad queries (i < s) output 0.
+
 Implementations: ``naive`` (PyTorch reference), ``chunk`` (Triton forward/backward, O(T)),
 ``fused_recurrent`` (Triton decode step); ``ops.lswa`` / ``ops.lswa_decode`` dispatch between them.
 Triton is imported lazily, so this package works without it.

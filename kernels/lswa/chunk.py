@@ -15,6 +15,10 @@ Backward recomputes ``H`` and scores. Its kernels: dq/dfq (+ dm, delta, dgate pe
 the reverse state gradient ``G[c]`` (queries whose prefix holds chunk c), the sinks' gradient
 from far queries (split over the sequence, summed in torch), and dk/dv/dfk per key block.
 Masks, blocks and scores are shared by construction between forward and backward.
+
+Left padding (``start``, per row S0): keys below S0 are masked everywhere (prefix states too) and
+the sinks sit at S0..S0+sinks-1, possibly in any block; without ``start`` the kernels are compiled
+with S0 = 0 (HAS_START=False) and nothing is loaded. Masked scores never reach exp2.
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ import triton.language as tl
 
 from ..triton_utils import dot as _dot
 
-from .naive import LSWAState
+from .naive import LSWAState, fold_linear, window_state
 
 LOG2E = 1.4426950408889634
 BWD_WARPS = 4  # measured on H200 (T=32k fwd+bwd): 4 warps 24.4 ms, 8 warps 33.6 ms
@@ -63,25 +67,51 @@ def _soft_step(qt, kt, vt, keys, mask, m, l, acc, am, SCALE2, PREC: tl.constexpr
 
 
 @triton.jit
-def _soft_mask(i, j, T, WINDOW, SINKS):
-    """Softmax set: causal and (in the window or a sink)."""
-    return (j[None, :] <= i[:, None]) & ((j[None, :] > i[:, None] - WINDOW) | (j[None, :] < SINKS)) \
+def _soft_mask(i, j, T, WINDOW, SINKS, S0):
+    """Softmax set: causal and (in the window or a sink); keys j < S0 (left padding) do not exist.
+    The padding bound is folded into 1-D terms: no more 2-D work than without padding."""
+    lo = tl.maximum(i - WINDOW, S0 - 1)  # window keys are > lo
+    sink = (j >= S0) & (j < S0 + SINKS)
+    return (j[None, :] <= i[:, None]) & ((j[None, :] > lo[:, None]) | sink[None, :]) \
         & (i[:, None] < T)
 
 
 @triton.jit
-def _lin_mask(i, j, T, WINDOW, SINKS):
-    """Linear set: left the window, not a sink."""
-    return (j[None, :] <= i[:, None] - WINDOW) & (j[None, :] >= SINKS) & (i[:, None] < T)
+def _lin_mask(i, j, T, WINDOW, SINKS, S0):
+    """Linear set: left the window, real and not a sink."""
+    return (j[None, :] <= i[:, None] - WINDOW) & (j[None, :] >= S0 + SINKS) & (i[:, None] < T)
 
 
 @triton.jit
-def _prefix_kernel(fk, v, hs, zs, T, NC, SINKS, HKV: tl.constexpr, F: tl.constexpr,
+def _row_start(start, b, HAS_START: tl.constexpr):
+    """Left-padding tokens of row b (0 without ``start``)."""
+    if HAS_START:
+        return tl.load(start + b).to(tl.int32)
+    else:
+        return 0
+
+
+@triton.jit
+def _far_sinks(S0, SINKS, c0, BLOCK: tl.constexpr, BS: tl.constexpr):
+    """Sink positions S0 + [0, BS) and which of them lie below the exact key range c0*BLOCK."""
+    js = S0 + tl.arange(0, BS)
+    return js, (tl.arange(0, BS) < SINKS) & (js < c0 * BLOCK)
+
+
+@triton.jit
+def _probs(s, m, mask, g):
+    """g * exp2(s - m) on the mask, 0 elsewhere; masked scores never reach exp2 (no inf)."""
+    return g * tl.exp2(tl.where(mask, s - m[:, None], float("-inf")))
+
+
+@triton.jit
+def _prefix_kernel(fk, v, start, hs, zs, T, NC, SINKS, HKV: tl.constexpr, F: tl.constexpr,
                    D: tl.constexpr, BLOCK: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr,
-                   PREC: tl.constexpr):
-    """hs[bh, c] = sum_{SINKS <= j < c*BLOCK} fk_j (x) v_j; zs likewise for fk (exclusive)."""
+                   PREC: tl.constexpr, HAS_START: tl.constexpr):
+    """hs[bh, c] = sum_{S0 + SINKS <= j < c*BLOCK} fk_j (x) v_j; zs likewise for fk (exclusive)."""
     bh = tl.program_id(0).to(tl.int64)
     b, hk = bh // HKV, bh % HKV
+    S0 = _row_start(start, b, HAS_START)
     rf = tl.arange(0, BF)
     rd = tl.program_id(1) * BD + tl.arange(0, BD)
     rt = tl.arange(0, BLOCK)
@@ -94,7 +124,7 @@ def _prefix_kernel(fk, v, hs, zs, T, NC, SINKS, HKV: tl.constexpr, F: tl.constex
         tl.store(hs + (bh * NC + c) * F * D + rf[:, None] * D + rd[None, :], acc, mask=smask)
         tl.store(zs + (bh * NC + c) * F + rf, accz, mask=rf < F)
         j = c * BLOCK + rt
-        ok = (j >= SINKS) & (j < T)
+        ok = (j >= S0 + SINKS) & (j < T)
         kf = _tile(fk_base, j, HKV * F, rf, ok, F)
         vv = _tile(v_base, j, HKV * D, rd, ok, D)
         acc += _dot(tl.trans(kf), vv, PREC)
@@ -102,15 +132,17 @@ def _prefix_kernel(fk, v, hs, zs, T, NC, SINKS, HKV: tl.constexpr, F: tl.constex
 
 
 @triton.jit
-def _fwd_kernel(q, k, v, fq, fk, gate, hs, zs, o, m_out, z_out, am_out,
+def _fwd_kernel(q, k, v, fq, fk, gate, start, hs, zs, o, m_out, z_out, am_out,
                 T, NC, SCALE2, WINDOW, SINKS, KSHIFT,
                 H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, F: tl.constexpr,
                 BLOCK: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BS: tl.constexpr,
-                PREC: tl.constexpr, PREC32: tl.constexpr):
-    """One (query block, batch*head): softmax over sinks + window, then the linear part."""
+                PREC: tl.constexpr, PREC32: tl.constexpr, HAS_START: tl.constexpr):
+    """One (query block, batch*head): softmax over sinks + window, then the linear part.
+    Pad rows (i < S0) have no keys: output 0, z stored as 1 so the backward stays finite."""
     qb = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
+    S0 = _row_start(start, b, HAS_START)
     hk = h // (H // HKV)
     i = qb * BLOCK + tl.arange(0, BLOCK)
     iok = i < T
@@ -125,9 +157,8 @@ def _fwd_kernel(q, k, v, fq, fk, gate, hs, zs, o, m_out, z_out, am_out,
     acc = tl.zeros([BLOCK, BD], tl.float32)
     am = tl.full([BLOCK], -1, tl.int32)
     if SINKS > 0:
-        if c0 > 0:
-            js = tl.arange(0, BS)
-            jok = js < SINKS
+        if c0 * BLOCK > S0:
+            js, jok = _far_sinks(S0, SINKS, c0, BLOCK, BS)
             ks = _tile(k + kvo, js, HKV * D, rd, jok, D)
             vs = _tile(v + kvo, js, HKV * D, rd, jok, D)
             mask = jok[None, :] & iok[:, None]
@@ -136,7 +167,7 @@ def _fwd_kernel(q, k, v, fq, fk, gate, hs, zs, o, m_out, z_out, am_out,
         j = kb * BLOCK + tl.arange(0, BLOCK)
         kt = _tile(k + kvo, j, HKV * D, rd, j < T, D)
         vt = _tile(v + kvo, j, HKV * D, rd, j < T, D)
-        mask = _soft_mask(i, j, T, WINDOW, SINKS)
+        mask = _soft_mask(i, j, T, WINDOW, SINKS, S0)
         m, l, acc, am = _soft_step(qt, kt, vt, j, mask, m, l, acc, am, SCALE2, PREC)
 
     acc = g * acc
@@ -155,11 +186,12 @@ def _fwd_kernel(q, k, v, fq, fk, gate, hs, zs, o, m_out, z_out, am_out,
         fkt = _tile(fk + fko, j, HKV * F, rf, j < T, F)
         vt = _tile(v + kvo, j, HKV * D, rd, j < T, D)
         w = _dot(fqt, tl.trans(fkt), PREC)
-        w = tl.where(_lin_mask(i, j, T, WINDOW, SINKS), (1 - g) * w, 0.0)
+        w = tl.where(_lin_mask(i, j, T, WINDOW, SINKS, S0), (1 - g) * w, 0.0)
         l += tl.sum(w, 1)
         acc += _dot(w.to(vt.dtype), vt, PREC)
 
-    out = acc / tl.where(l == 0.0, 1.0, l)[:, None]  # l == 0 only on padding rows
+    l = tl.where(l == 0.0, 1.0, l)  # l == 0 only on rows past T or of left padding
+    out = acc / l[:, None]
     tl.store(o + b * T * H * D + h * D + i[:, None] * (H * D) + rd[None, :],
              out.to(o.dtype.element_ty), mask=iok[:, None] & (rd[None, :] < D))
     tl.store(m_out + bh * T + i, m, mask=iok)
@@ -170,8 +202,7 @@ def _fwd_kernel(q, k, v, fq, fk, gate, hs, zs, o, m_out, z_out, am_out,
 @triton.jit
 def _dq_soft(qt, dot_, kt, vt, mask, m, inv_z, delta, g, dq, spd, SCALE2, PREC: tl.constexpr):
     """Softmax part of dq for one key block: ds = P * dP, dq += ds k, spd += sum ds."""
-    s = _dot(qt, tl.trans(kt), PREC) * SCALE2
-    p = tl.where(mask, g * tl.exp2(s - m[:, None]), 0.0)
+    p = _probs(_dot(qt, tl.trans(kt), PREC) * SCALE2, m, mask, g)
     dp = (_dot(dot_, tl.trans(vt), PREC) - delta[:, None]) * inv_z[:, None]
     ds = p * dp
     dq += _dot(ds.to(kt.dtype), kt, PREC)
@@ -179,16 +210,17 @@ def _dq_soft(qt, dot_, kt, vt, mask, m, inv_z, delta, g, dq, spd, SCALE2, PREC: 
 
 
 @triton.jit
-def _bwd_dq_kernel(q, k, v, fq, fk, gate, hs, zs, o, do, m_in, z_in, am_in,
+def _bwd_dq_kernel(q, k, v, fq, fk, gate, start, hs, zs, o, do, m_in, z_in, am_in,
                    dq, dfq, dm_out, delta_out, dg_out,
                    T, NC, SCALE, SCALE2, WINDOW, SINKS, KSHIFT,
                    H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, F: tl.constexpr,
                    BLOCK: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BS: tl.constexpr,
-                   PREC: tl.constexpr, PREC32: tl.constexpr):
+                   PREC: tl.constexpr, PREC32: tl.constexpr, HAS_START: tl.constexpr):
     """dq and dfq of one query block; also dm (grad of the max), delta = do.o and dgate per row."""
     qb = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
+    S0 = _row_start(start, b, HAS_START)
     hk = h // (H // HKV)
     i = qb * BLOCK + tl.arange(0, BLOCK)
     iok = i < T
@@ -207,9 +239,8 @@ def _bwd_dq_kernel(q, k, v, fq, fk, gate, hs, zs, o, do, m_in, z_in, am_in,
     dqa = tl.zeros([BLOCK, BD], tl.float32)
     spd = tl.zeros([BLOCK], tl.float32)
     if SINKS > 0:
-        if c0 > 0:
-            js = tl.arange(0, BS)
-            jok = js < SINKS
+        if c0 * BLOCK > S0:
+            js, jok = _far_sinks(S0, SINKS, c0, BLOCK, BS)
             ks = _tile(k + kvo, js, HKV * D, rd, jok, D)
             vs = _tile(v + kvo, js, HKV * D, rd, jok, D)
             mask = jok[None, :] & iok[:, None]
@@ -218,7 +249,7 @@ def _bwd_dq_kernel(q, k, v, fq, fk, gate, hs, zs, o, do, m_in, z_in, am_in,
         j = kb * BLOCK + tl.arange(0, BLOCK)
         kt = _tile(k + kvo, j, HKV * D, rd, j < T, D)
         vt = _tile(v + kvo, j, HKV * D, rd, j < T, D)
-        mask = _soft_mask(i, j, T, WINDOW, SINKS)
+        mask = _soft_mask(i, j, T, WINDOW, SINKS, S0)
         dqa, spd = _dq_soft(qt, dot_, kt, vt, mask, m, inv_z, delta, g, dqa, spd, SCALE2, PREC)
     dm = -spd
     kam = _tile(k + b * T * HKV * D + hk * D, am, HKV * D, rd, iok & (am >= 0), D)
@@ -239,7 +270,7 @@ def _bwd_dq_kernel(q, k, v, fq, fk, gate, hs, zs, o, do, m_in, z_in, am_in,
         j = kb * BLOCK + tl.arange(0, BLOCK)
         fkt = _tile(fk + fko, j, HKV * F, rf, j < T, F)
         vt = _tile(v + kvo, j, HKV * D, rd, j < T, D)
-        lmask = _lin_mask(i, j, T, WINDOW, SINKS)
+        lmask = _lin_mask(i, j, T, WINDOW, SINKS, S0)
         dlw = (_dot(dot_, tl.trans(vt), PREC) - delta[:, None]) * inv_z[:, None]
         dlw = tl.where(lmask, dlw, 0.0)
         kern = _dot(fqt, tl.trans(fkt), PREC)
@@ -294,17 +325,21 @@ def _bwd_state_kernel(fq, do, gate, z_in, delta_in, gs, gzs, T, NC, KSHIFT,
 
 
 @triton.jit
-def _bwd_sink_kernel(q, k, v, do, gate, m_in, z_in, am_in, dm_in, delta_in, part,
+def _bwd_sink_kernel(q, k, v, do, gate, start, m_in, z_in, am_in, dm_in, delta_in, part,
                      T, NC, SCALE, SCALE2, SINKS, KSHIFT, QPS,
                      H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
-                     BLOCK: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, PREC: tl.constexpr):
-    """Sinks' dk/dv from far query blocks (qb > KSHIFT) of one split; part [NS, B*HKV, 2, BS, BD]."""
+                     BLOCK: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr, PREC: tl.constexpr,
+                     HAS_START: tl.constexpr):
+    """Sinks' dk/dv from far query blocks (those whose exact key range starts above the sink) of
+    one split; part [NS, B*HKV, 2, BS, BD], row r for the sink at S0 + r."""
     split = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, hk = bh // HKV, bh % HKV
+    S0 = _row_start(start, b, HAS_START)
     grp = H // HKV
-    rd, js = tl.arange(0, BD), tl.arange(0, BS)
-    jok = js < SINKS
+    rd = tl.arange(0, BD)
+    js = S0 + tl.arange(0, BS)
+    jok = (tl.arange(0, BS) < SINKS) & (js < T)
     kvo = b * T * HKV * D + hk * D
     ks = _tile(k + kvo, js, HKV * D, rd, jok, D)
     vs = _tile(v + kvo, js, HKV * D, rd, jok, D)
@@ -327,30 +362,32 @@ def _bwd_sink_kernel(q, k, v, do, gate, m_in, z_in, am_in, dm_in, delta_in, part
             am = tl.load(am_in + ro, mask=iok, other=-1)
             dm = tl.load(dm_in + ro, mask=iok, other=0.0)
             delta = tl.load(delta_in + ro, mask=iok, other=0.0)
-            mask = jok[None, :] & iok[:, None]
-            s = _dot(qt, tl.trans(ks), PREC) * SCALE2
-            p = tl.where(mask, g * tl.exp2(s - m[:, None]), 0.0)
+            _, far = _far_sinks(S0, SINKS, qb - KSHIFT, BLOCK, BS)
+            mask = far[None, :] & iok[:, None]
+            p = _probs(_dot(qt, tl.trans(ks), PREC) * SCALE2, m, mask, g)
             dp = (_dot(dot_, tl.trans(vs), PREC) - delta[:, None]) * inv_z[:, None]
-            ds = p * dp + tl.where(am[:, None] == js[None, :], dm[:, None], 0.0)
+            ds = p * dp + tl.where(mask & (am[:, None] == js[None, :]), dm[:, None], 0.0)
             dks += _dot(tl.trans(ds.to(qt.dtype)), qt, PREC)
             dz = (dot_.to(tl.float32) * inv_z[:, None]).to(vs.dtype)
             dvs += _dot(tl.trans(p.to(vs.dtype)), dz, PREC)
-    base = part + (split * (tl.num_programs(1)) + bh) * 2 * BS * BD + js[:, None] * BD + rd[None, :]
+    rs = tl.arange(0, BS)
+    base = part + (split * (tl.num_programs(1)) + bh) * 2 * BS * BD + rs[:, None] * BD + rd[None, :]
     tl.store(base, dks * SCALE)
     tl.store(base + BS * BD, dvs)
 
 
 @triton.jit
-def _bwd_dkv_kernel(q, k, v, fq, fk, do, gate, m_in, z_in, am_in, dm_in, delta_in, gs, gzs,
-                    sink_g, dk, dv, dfk, T, NC, SCALE, SCALE2, WINDOW, SINKS, KSHIFT,
+def _bwd_dkv_kernel(q, k, v, fq, fk, do, gate, start, m_in, z_in, am_in, dm_in, delta_in, gs,
+                    gzs, sink_g, dk, dv, dfk, T, NC, SCALE, SCALE2, WINDOW, SINKS, KSHIFT,
                     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, F: tl.constexpr,
                     BLOCK: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BS: tl.constexpr,
-                    PREC: tl.constexpr, PREC32: tl.constexpr):
+                    PREC: tl.constexpr, PREC32: tl.constexpr, HAS_START: tl.constexpr):
     """dk, dv, dfk of one key block: exact part from query blocks kb..kb+KSHIFT (all group heads),
-    the prefix-state part from gs/gzs, and (block 0) the sinks' far-query part from sink_g."""
+    the prefix-state part from gs/gzs, and (blocks holding sinks) the sinks' far-query part."""
     kb = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, hk = bh // HKV, bh % HKV
+    S0 = _row_start(start, b, HAS_START)
     grp = H // HKV
     j = kb * BLOCK + tl.arange(0, BLOCK)
     jok = j < T
@@ -379,11 +416,11 @@ def _bwd_dkv_kernel(q, k, v, fq, fk, do, gate, m_in, z_in, am_in, dm_in, delta_i
             dm = tl.load(dm_in + ro, mask=iok, other=0.0)
             delta = tl.load(delta_in + ro, mask=iok, other=0.0)
             s = _dot(qt, tl.trans(kt), PREC) * SCALE2
-            p = tl.where(_soft_mask(i, j, T, WINDOW, SINKS), g * tl.exp2(s - m[:, None]), 0.0)
+            p = _probs(s, m, _soft_mask(i, j, T, WINDOW, SINKS, S0), g)
             dp = (_dot(dot_, tl.trans(vt), PREC) - delta[:, None]) * inv_z[:, None]
             ds = p * dp + tl.where(am[:, None] == j[None, :], dm[:, None], 0.0)
             dka += _dot(tl.trans(ds.to(qt.dtype)), qt, PREC)
-            lmask = _lin_mask(i, j, T, WINDOW, SINKS)
+            lmask = _lin_mask(i, j, T, WINDOW, SINKS, S0)
             lw = tl.where(lmask, (1 - g) * _dot(fqt, tl.trans(fkt), PREC), 0.0)
             dz = (dot_.to(tl.float32) * inv_z[:, None]).to(vt.dtype)
             dva += _dot(tl.trans((p + lw).to(vt.dtype)), dz, PREC)
@@ -393,15 +430,15 @@ def _bwd_dkv_kernel(q, k, v, fq, fk, do, gate, m_in, z_in, am_in, dm_in, delta_i
     st = bh * NC + kb
     gt = _tile(gs + st * F * D, rf, D, rd, rf < F, D)
     gzt = tl.load(gzs + st * F + rf, mask=rf < F, other=0.0)
-    lin_ok = (j >= SINKS)[:, None]
+    lin_ok = (j >= S0 + SINKS)[:, None]
     dfa += tl.where(lin_ok, _dot(vt.to(tl.float32), tl.trans(gt), PREC32)
                     + gzt[None, :], 0.0)
     dva += tl.where(lin_ok, _dot(fkt.to(tl.float32), gt, PREC32), 0.0)
     dka = dka * SCALE
     if SINKS > 0:
-        if kb == 0:
-            sok = (j < SINKS)[:, None] & (rd[None, :] < BD)
-            sb = sink_g + bh * 2 * BS * BD + j[:, None] * BD + rd[None, :]
+        if (kb * BLOCK < S0 + SINKS) & (kb * BLOCK + BLOCK > S0):
+            sok = ((j >= S0) & (j < S0 + SINKS))[:, None] & (rd[None, :] < BD)
+            sb = sink_g + bh * 2 * BS * BD + (j - S0)[:, None] * BD + rd[None, :]
             dka += tl.load(sb, mask=sok, other=0.0)
             dva += tl.load(sb + BS * BD, mask=sok, other=0.0)
     dmask = jok[:, None] & (rd[None, :] < D)
@@ -417,15 +454,16 @@ def _p2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def _meta(q, k, fq, sinks: int, chunk: int) -> dict:
+def _meta(q, k, fq, sinks: int, chunk: int, start) -> dict:
     """Compile-time parameters shared by the kernels."""
     d, f = q.shape[-1], fq.shape[-1]
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     return dict(H=q.shape[2], HKV=k.shape[2], D=d, F=f, BLOCK=chunk, BD=_p2(d), BF=_p2(f),
-                BS=_p2(max(sinks, 1)), PREC=prec, num_warps=4 if _p2(d) <= 64 else 8)
+                BS=_p2(max(sinks, 1)), PREC=prec, num_warps=4 if _p2(d) <= 64 else 8,
+                HAS_START=start is not None)
 
 
-def _prefix(fk, v, sinks: int, chunk: int, prec: str):
+def _prefix(fk, v, start, sinks: int, chunk: int, prec: str):
     """Exclusive per-chunk prefix states hs [B*Hkv, NC, F, D] and zs [B*Hkv, NC, F] (fp32)."""
     b, t, hkv, f = fk.shape
     d = v.shape[-1]
@@ -434,7 +472,8 @@ def _prefix(fk, v, sinks: int, chunk: int, prec: str):
     zs = _empty(b * hkv, nc, f, like=v, dtype=torch.float32)
     bd = min(_p2(d), 64)
     _prefix_kernel[(b * hkv, triton.cdiv(d, bd))](
-        fk, v, hs, zs, t, nc, sinks, HKV=hkv, F=f, D=d, BLOCK=chunk, BF=_p2(f), BD=bd, PREC=prec)
+        fk, v, start, hs, zs, t, nc, sinks, HKV=hkv, F=f, D=d, BLOCK=chunk, BF=_p2(f), BD=bd,
+        PREC=prec, HAS_START=start is not None)
     return hs, zs
 
 
@@ -443,48 +482,50 @@ def _kshift(window: int, chunk: int) -> int:
     return -(-(window - 1) // chunk)
 
 
-def _forward(q, k, v, fq, fk, gate, window, sinks, scale, chunk):
+def _forward(q, k, v, fq, fk, gate, start, window, sinks, scale, chunk):
     b, t, h, d = q.shape
-    meta = _meta(q, k, fq, sinks, chunk)
-    hs, zs = _prefix(fk, v, sinks, chunk, meta["PREC"])
+    meta = _meta(q, k, fq, sinks, chunk, start)
+    hs, zs = _prefix(fk, v, start, sinks, chunk, meta["PREC"])
     nc = hs.shape[1]
     o = _empty(*q.shape, like=q)
     m, z = (_empty(b * h, t, like=q, dtype=torch.float32) for _ in range(2))
     am = _empty(b * h, t, like=q, dtype=torch.int32)
-    _fwd_kernel[(nc, b * h)](q, k, v, fq, fk, gate, hs, zs, o, m, z, am, t, nc, scale * LOG2E,
-                             window, sinks, _kshift(window, chunk), PREC32=meta["PREC"], **meta)
+    _fwd_kernel[(nc, b * h)](q, k, v, fq, fk, gate, start, hs, zs, o, m, z, am, t, nc,
+                             scale * LOG2E, window, sinks, _kshift(window, chunk),
+                             PREC32=meta["PREC"], **meta)
     return o, m, z, am, hs, zs
 
 
 def _backward(ctx, do):
     q, k, v, fq, fk, gate, o, m, z, am = ctx.saved_tensors
-    window, sinks, scale, chunk = ctx.cfg
+    window, sinks, scale, chunk, start = ctx.cfg
     b, t, h, d = q.shape
     hkv = k.shape[2]
-    meta = _meta(q, k, fq, sinks, chunk)
-    hs, zs = _prefix(fk, v, sinks, chunk, meta["PREC"])
+    meta = _meta(q, k, fq, sinks, chunk, start)
+    hs, zs = _prefix(fk, v, start, sinks, chunk, meta["PREC"])
     meta["num_warps"] = max(meta["num_warps"], BWD_WARPS)
     nc, ks = hs.shape[1], _kshift(window, chunk)
     common = (t, nc, scale, scale * LOG2E)
     dq, dfq = _empty(*q.shape, like=q), _empty(*fq.shape, like=fq)
     dm, delta, dg = (_empty(b * h, t, like=q, dtype=torch.float32) for _ in range(3))
-    _bwd_dq_kernel[(nc, b * h)](q, k, v, fq, fk, gate, hs, zs, o, do, m, z, am, dq, dfq, dm,
-                                delta, dg, *common, window, sinks, ks, PREC32=meta["PREC"], **meta)
+    _bwd_dq_kernel[(nc, b * h)](q, k, v, fq, fk, gate, start, hs, zs, o, do, m, z, am, dq, dfq,
+                                dm, delta, dg, *common, window, sinks, ks, PREC32=meta["PREC"],
+                                **meta)
     gs, gzs = _empty(*hs.shape, like=hs), _empty(*zs.shape, like=zs)
     bd = min(meta["BD"], 64)
     _bwd_state_kernel[(b * hkv, triton.cdiv(d, bd))](
         fq, do, gate, z, delta, gs, gzs, t, nc, ks, H=h, HKV=hkv, D=d, F=meta["F"],
         BLOCK=chunk, BD=bd, BF=meta["BF"], PREC32=meta["PREC"])
-    sink_g = _sink_grads(q, k, v, do, gate, m, z, am, dm, delta, common, sinks, ks, meta)
+    sink_g = _sink_grads(q, k, v, do, gate, start, m, z, am, dm, delta, common, sinks, ks, meta)
     dk, dv, dfk = (_empty(*x.shape, like=x) for x in (k, v, fk))
-    _bwd_dkv_kernel[(nc, b * hkv)](q, k, v, fq, fk, do, gate, m, z, am, dm, delta, gs, gzs,
-                                   sink_g, dk, dv, dfk, *common, window, sinks, ks,
+    _bwd_dkv_kernel[(nc, b * hkv)](q, k, v, fq, fk, do, gate, start, m, z, am, dm, delta, gs,
+                                   gzs, sink_g, dk, dv, dfk, *common, window, sinks, ks,
                                    PREC32=meta["PREC"], **meta)
     dgate = dg.view(b, h, t).sum((0, 2)).to(gate.dtype)
     return dq, dk, dv, dfq, dfk, dgate
 
 
-def _sink_grads(q, k, v, do, gate, m, z, am, dm, delta, common, sinks, ks, meta):
+def _sink_grads(q, k, v, do, gate, start, m, z, am, dm, delta, common, sinks, ks, meta):
     """dk/dv of the sink keys from query blocks beyond KSHIFT, [B*Hkv, 2, BS, BD] (fp32)."""
     b, t = q.shape[:2]
     nc, nbh, bs, bd = common[1], b * meta["HKV"], meta["BS"], meta["BD"]
@@ -495,7 +536,7 @@ def _sink_grads(q, k, v, do, gate, m, z, am, dm, delta, common, sinks, ks, meta)
     n_split = triton.cdiv(nc, qps)
     part = _empty(n_split, nbh, 2, bs, bd, like=q, dtype=torch.float32)
     skip = ("F", "BF")
-    _bwd_sink_kernel[(n_split, nbh)](q, k, v, do, gate, m, z, am, dm, delta, part, *common,
+    _bwd_sink_kernel[(n_split, nbh)](q, k, v, do, gate, start, m, z, am, dm, delta, part, *common,
                                      sinks, ks, qps, **{x: y for x, y in meta.items()
                                                         if x not in skip})
     return part.sum(0)
@@ -505,51 +546,41 @@ class LSWAChunkFunction(torch.autograd.Function):
     """Autograd wrapper; forward also returns the prefix states (non-differentiable)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, fq, fk, gate, window, sinks, scale, chunk):
-        o, m, z, am, hs, zs = _forward(q, k, v, fq, fk, gate, window, sinks, scale, chunk)
+    def forward(ctx, q, k, v, fq, fk, gate, start, window, sinks, scale, chunk):
+        o, m, z, am, hs, zs = _forward(q, k, v, fq, fk, gate, start, window, sinks, scale, chunk)
         ctx.save_for_backward(q, k, v, fq, fk, gate, o, m, z, am)
-        ctx.cfg = (window, sinks, scale, chunk)
+        ctx.cfg = (window, sinks, scale, chunk, start)
         ctx.mark_non_differentiable(hs, zs)
         return o, hs, zs
 
     @staticmethod
     def backward(ctx, do, _dhs, _dzs):
-        return (*_backward(ctx, do.contiguous()), None, None, None, None)
+        return (*_backward(ctx, do.contiguous()), None, None, None, None, None)
 
 
-def _final_state(k, v, fk, hs, zs, window: int, sinks: int, chunk: int) -> LSWAState:
+def _final_state(k, v, fk, hs, zs, start, window: int, sinks: int, chunk: int) -> LSWAState:
     """Decode state after the prefill, the linear part read from the prefix states."""
     b, t, hkv, d = k.shape
     f = fk.shape[-1]
     k, v, fk = k.detach(), v.detach(), fk.detach()
-    st = LSWAState.empty(b, hkv, d, f, window, sinks, k.dtype, k.device)
-    n_s = min(sinks, t)
-    st.sink_k[:, :, :n_s] = k[:, :n_s].transpose(1, 2)
-    st.sink_v[:, :, :n_s] = v[:, :n_s].transpose(1, 2)
-    start = max(0, t - window)
-    slots = torch.arange(start, t, device=k.device) % window
-    st.ring_k[:, :, slots] = k[:, start:].transpose(1, 2)
-    st.ring_v[:, :, slots] = v[:, start:].transpose(1, 2)
-    st.ring_fk[:, :, slots] = fk[:, start:].transpose(1, 2)
-    if start > sinks:
-        c = start // chunk
+    st = window_state(k, v, fk, window, sinks, start)
+    end = t - window  # tokens below end left the window
+    if end > sinks:
+        c = end // chunk
         st.lin_s.copy_(hs.view(b, hkv, -1, f, d)[:, :, c])
         st.lin_z.copy_(zs.view(b, hkv, -1, f)[:, :, c])
-        lo = max(sinks, c * chunk)
-        if start > lo:
-            fk_r = fk[:, lo:start].float()
-            st.lin_s += torch.einsum("bthf,bthd->bhfd", fk_r, v[:, lo:start].float())
-            st.lin_z += fk_r.sum(1)
-    st.pos.fill_(t)
+        fold_linear(st, fk, v, max(sinks, c * chunk), end, start)
     return st
 
 
 def lswa_chunk(q, k, v, fq, fk, gate, window: int, sinks: int, scale: float | None = None,
-               return_state: bool = False, chunk_size: int = 64):
+               return_state: bool = False, chunk_size: int = 64,
+               start: torch.Tensor | None = None):
     """LSWA with the chunked Triton kernels; differentiable in q, k, v, fq, fk and gate.
 
     All inputs are cast to q's dtype (fp32 accumulation inside). With ``return_state`` it also
-    returns the decode ``LSWAState`` after the sequence (not differentiable).
+    returns the decode ``LSWAState`` after the sequence (not differentiable). ``start`` [B]
+    (0 <= start <= T): left-padding tokens per row, as in ``lswa_naive``; pad rows output 0.
     """
     b, t, h, d = q.shape
     if not (1 <= sinks + 1 <= chunk_size + 1 and window >= 1 and h % k.shape[2] == 0):
@@ -557,8 +588,10 @@ def lswa_chunk(q, k, v, fq, fk, gate, window: int, sinks: int, scale: float | No
                          f"sinks={sinks}, window={window}, H={h}, Hkv={k.shape[2]}")
     scale = d ** -0.5 if scale is None else float(scale)
     q, k, v, fq, fk = (x.to(q.dtype).contiguous() for x in (q, k, v, fq, fk))
-    o, hs, zs = LSWAChunkFunction.apply(q, k, v, fq, fk, gate.contiguous(), window, sinks, scale,
-                                        chunk_size)
+    if start is not None:
+        start = start.to(q.device, torch.int64).contiguous()
+    o, hs, zs = LSWAChunkFunction.apply(q, k, v, fq, fk, gate.contiguous(), start, window, sinks,
+                                        scale, chunk_size)
     if not return_state:
         return o
-    return o, _final_state(k, v, fk, hs, zs, window, sinks, chunk_size)
+    return o, _final_state(k, v, fk, hs, zs, start, window, sinks, chunk_size)

@@ -16,32 +16,48 @@ def _expand_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
     return x.repeat_interleave(group, dim=2) if group > 1 else x
 
 
-def lswa_masks(t_q: int, t_k: int, window: int, sinks: int, offset: int = 0,
-               device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Boolean (softmax, linear) masks [t_q, t_k] for queries at positions offset + arange(t_q)."""
+def lswa_masks(t_q: int, t_k: int, window: int, sinks: int, offset: int = 0, device=None,
+               start: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boolean (softmax, linear) masks [t_q, t_k] for queries at positions offset + arange(t_q).
+
+    With ``start`` [B] (left padding per row: keys j < start do not exist and the sinks are the
+    first real tokens) they are [B, 1, t_q, t_k].
+    """
     i = torch.arange(t_q, device=device)[:, None] + offset
     j = torch.arange(t_k, device=device)[None, :]
-    causal = j <= i
+    s0 = 0 if start is None else start.to(device).view(-1, 1, 1, 1)
+    causal = (j <= i) & (j >= s0)
     in_window = (j > i - window) & causal
-    soft = in_window | ((j < sinks) & causal)
+    soft = in_window | ((j < s0 + sinks) & causal)
     lin = causal & ~soft
     return soft, lin
 
 
-def lswa_naive(q, k, v, fq, fk, gate, window: int, sinks: int, scale: float | None = None):
-    """Full-sequence LSWA. q [B,T,H,D], k/v [B,T,Hkv,D], fq [B,T,H,F], fk [B,T,Hkv,F], gate [H]."""
+def lswa_naive(q, k, v, fq, fk, gate, window: int, sinks: int, scale: float | None = None,
+               start: torch.Tensor | None = None):
+    """Full-sequence LSWA. q [B,T,H,D], k/v [B,T,Hkv,D], fq [B,T,H,F], fk [B,T,Hkv,F], gate [H].
+
+    ``start`` [B]: left-padding tokens per row (see ``lswa_masks``); pad queries output zeros.
+    Masked scores are dropped before the exponent: exp of a large masked score overflows and
+    would turn the backward into NaN (0 * inf).
+    """
     b, t, h, d = q.shape
     scale = d ** -0.5 if scale is None else scale
     k, v, fk = (_expand_kv(x, h) for x in (k, v, fk))
-    soft, lin = lswa_masks(t, t, window, sinks, device=q.device)
-    scores = torch.einsum("bihd,bjhd->bhij", q, k) * scale
-    m = scores.masked_fill(~soft, float("-inf")).amax(-1, keepdim=True)
+    soft, lin = lswa_masks(t, t, window, sinks, device=q.device, start=start)
+    scores = (torch.einsum("bihd,bjhd->bhij", q, k) * scale).masked_fill(~soft, float("-inf"))
+    m = scores.amax(-1, keepdim=True)
+    if start is not None:  # pad queries have no keys at all
+        m = m.masked_fill(m == float("-inf"), 0.0)
     g = gate.to(q.dtype).view(1, h, 1, 1)
-    w_soft = g * torch.exp(scores - m).masked_fill(~soft, 0.0)
+    w_soft = g * torch.exp(scores - m)
     w_lin = (1 - g) * torch.einsum("bihf,bjhf->bhij", fq, fk).masked_fill(~lin, 0.0)
     weights = w_soft + w_lin
     out = torch.einsum("bhij,bjhd->bihd", weights, v)
-    return out / weights.sum(-1).transpose(1, 2)[..., None]
+    den = weights.sum(-1)
+    if start is not None:
+        den = den.masked_fill(den == 0, 1.0)
+    return out / den.transpose(1, 2)[..., None]
 
 
 @dataclass
@@ -50,7 +66,8 @@ class LSWAState:
 
     sink_k/v [B, Hkv, S, D]; ring_k/v [B, Hkv, W, D] and ring_fk [B, Hkv, W, F] hold token j in
     slot j % W; lin_s [B, Hkv, F, D] and lin_z [B, Hkv, F] (float32) sum fk (x) v over tokens that
-    left the window (sinks excluded); pos [B] counts tokens seen.
+    left the window (sinks excluded); pos [B] counts tokens seen. Token indices count real tokens
+    only (left padding of a prefill is skipped), so each row's state is that of the row alone.
     """
 
     sink_k: torch.Tensor
@@ -136,22 +153,55 @@ def lswa_decode_naive(q, k, v, fq, fk, gate, state: LSWAState, scale: float | No
     return (num / den).view(b, h, d).to(q.dtype)
 
 
-def lswa_state_from_prefill(k, v, fk, window: int, sinks: int, state_dtype=None) -> LSWAState:
-    """Decode state after consuming k/v/fk [B, T, Hkv, *] from position 0."""
+def _gather_tokens(x, idx, ok):
+    """x [B, T, Hkv, X] at per-row token indices idx [B, N] -> [B, Hkv, N, X], zero where not ok."""
+    rows = torch.arange(x.shape[0], device=x.device)[:, None]
+    out = x[rows, idx.clamp(0, max(x.shape[1] - 1, 0))]
+    return torch.where(ok[:, :, None, None], out, 0).transpose(1, 2)
+
+
+def window_state(k, v, fk, window: int, sinks: int, start=None, state_dtype=None) -> LSWAState:
+    """Decode state after k/v/fk [B, T, Hkv, *] with its linear part (lin_s / lin_z) left zero.
+
+    Lives in real-token index space: row b's first start[b] tokens are left padding and do not
+    exist, so sinks, ring slots and pos are those of the row prefilled alone.
+    """
     b, t, hkv, d = k.shape
-    f = fk.shape[-1]
-    st = LSWAState.empty(b, hkv, d, f, window, sinks, state_dtype or k.dtype, k.device)
-    n_s = min(sinks, t)
-    st.sink_k[:, :, :n_s] = k[:, :n_s].transpose(1, 2)
-    st.sink_v[:, :, :n_s] = v[:, :n_s].transpose(1, 2)
-    start = max(0, t - window)
-    j = torch.arange(start, t, device=k.device)
-    st.ring_k[:, :, j % window] = k[:, start:].transpose(1, 2).to(st.ring_k.dtype)
-    st.ring_v[:, :, j % window] = v[:, start:].transpose(1, 2).to(st.ring_v.dtype)
-    st.ring_fk[:, :, j % window] = fk[:, start:].transpose(1, 2).to(st.ring_fk.dtype)
-    if start > sinks:
-        fk_old = fk[:, sinks:start].float()
-        st.lin_s += torch.einsum("bthf,bthd->bhfd", fk_old, v[:, sinks:start].float())
-        st.lin_z += fk_old.sum(1)
-    st.pos.fill_(t)
+    st = LSWAState.empty(b, hkv, d, fk.shape[-1], window, sinks, state_dtype or k.dtype, k.device)
+    if t == 0:
+        return st
+    s0 = torch.zeros(b, dtype=torch.long, device=k.device) if start is None else start.to(k.device)
+    n = (t - s0)[:, None]  # real tokens per row
+    r = torch.arange(window, device=k.device)[None]
+    tok = n - 1 - torch.remainder(n - 1 - r, window)  # real token held by ring slot r
+    idx, ok = s0[:, None] + tok, tok >= 0
+    st.ring_k.copy_(_gather_tokens(k, idx, ok))
+    st.ring_v.copy_(_gather_tokens(v, idx, ok))
+    st.ring_fk.copy_(_gather_tokens(fk, idx, ok))
+    tok = torch.arange(sinks, device=k.device)[None]
+    idx, ok = s0[:, None] + tok, tok < n
+    st.sink_k.copy_(_gather_tokens(k, idx, ok))
+    st.sink_v.copy_(_gather_tokens(v, idx, ok))
+    st.pos.copy_(n[:, 0])
+    return st
+
+
+def fold_linear(st: LSWAState, fk, v, lo: int, hi: int, start=None) -> None:
+    """Add fk_j (x) v_j over lo <= j < hi (non-sink real tokens only) to st.lin_s / st.lin_z."""
+    if hi <= lo:
+        return
+    fk_old, v_old = fk[:, lo:hi].float(), v[:, lo:hi].float()
+    if start is not None:
+        j = torch.arange(lo, hi, device=fk.device)
+        keep = (j[None] >= start.to(fk.device)[:, None] + st.sinks)[:, :, None, None]
+        fk_old, v_old = torch.where(keep, fk_old, 0), torch.where(keep, v_old, 0)
+    st.lin_s += torch.einsum("bthf,bthd->bhfd", fk_old, v_old)
+    st.lin_z += fk_old.sum(1)
+
+
+def lswa_state_from_prefill(k, v, fk, window: int, sinks: int, state_dtype=None,
+                            start: torch.Tensor | None = None) -> LSWAState:
+    """Decode state after consuming k/v/fk [B, T, Hkv, *] from position 0 (row b from start[b])."""
+    st = window_state(k, v, fk, window, sinks, start, state_dtype)
+    fold_linear(st, fk, v, sinks, k.shape[1] - window, start)
     return st

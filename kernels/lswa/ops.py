@@ -21,17 +21,19 @@ class Backend(NamedTuple):
     decode: Callable
 
 
-def _torch_prefill(q, k, v, fq, fk, gate, window, sinks, scale, return_state):
-    out = lswa_naive(q, k, v, fq, fk, gate, window, sinks, scale)
+def _torch_prefill(q, k, v, fq, fk, gate, window, sinks, scale, return_state, start):
+    out = lswa_naive(q, k, v, fq, fk, gate, window, sinks, scale, start=start)
     if not return_state:
         return out
-    return out, lswa_state_from_prefill(k.detach(), v.detach(), fk.detach(), window, sinks)
+    return out, lswa_state_from_prefill(k.detach(), v.detach(), fk.detach(), window, sinks,
+                                        start=start)
 
 
-def _triton_prefill(q, k, v, fq, fk, gate, window, sinks, scale, return_state):
+def _triton_prefill(q, k, v, fq, fk, gate, window, sinks, scale, return_state, start):
     from .chunk import lswa_chunk
 
-    return lswa_chunk(q, k, v, fq, fk, gate, window, sinks, scale, return_state=return_state)
+    return lswa_chunk(q, k, v, fq, fk, gate, window, sinks, scale, return_state=return_state,
+                      start=start)
 
 
 def _triton_decode(q, k, v, fq, fk, gate, state, scale):
@@ -65,10 +67,16 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
 
 
 def lswa(q, k, v, fq, fk, gate, window: int, sinks: int, scale: float | None = None,
-         backend: str | None = None, return_state: bool = False):
-    """LSWA over a sequence (see the package docstring); optionally also the decode state."""
+         backend: str | None = None, return_state: bool = False,
+         start: torch.Tensor | None = None):
+    """LSWA over a sequence (see the package docstring); optionally also the decode state.
+
+    ``start`` [B] (LongTensor, None = no padding): left-padding tokens per row. They take no part
+    in the attention (sinks are the first real tokens), pad queries output zeros, and the decode
+    state is that of each row prefilled alone, so a padded batch decodes like its rows.
+    """
     impl = BACKENDS[resolve_backend(backend, q.device)]
-    return impl.prefill(q, k, v, fq, fk, gate, window, sinks, scale, return_state)
+    return impl.prefill(q, k, v, fq, fk, gate, window, sinks, scale, return_state, start)
 
 
 def lswa_decode(q, k, v, fq, fk, gate, state: LSWAState, scale: float | None = None,

@@ -30,6 +30,17 @@ def project_qkv(attn, hidden_states: torch.Tensor, position_embeddings):
     return q, k, v
 
 
+def out_projection(o_proj, x: torch.Tensor) -> torch.Tensor:
+    """``o_proj`` applied in float64 (for references)."""
+    bias = None if o_proj.bias is None else o_proj.bias.double()
+    return torch.nn.functional.linear(x.double(), o_proj.weight.double(), bias)
+
+
+def scale_of(attn) -> float:
+    """The attention module's softmax scale (its ``scaling``, else 1/sqrt(head_dim))."""
+    return getattr(attn, "scaling", attn.head_dim ** -0.5)
+
+
 def pick_cache(kwargs: dict):
     """The cache argument, named ``cache`` in newer transformers and ``past_key_values`` before."""
     cache = kwargs.get("cache")

@@ -11,9 +11,9 @@ import math
 import torch
 from torch import nn
 
-from ..kernels.lswa import ops
-from ..plan import LayerSpec
-from .common import CountingCacheLayer, cache_layer, pick_cache, project_qkv
+from ..kernels.lswa import LSWAState, ops
+from .base import AttentionKind, SpecField
+from .common import CountingCacheLayer, cache_layer, out_projection, pick_cache, project_qkv, scale_of
 
 # sigmoid(4) = 0.982: untrained LSWA is mostly window + sinks softmax (StreamingLLM), with a small
 # linear share that the per-layer transfer then learns to use.
@@ -72,7 +72,7 @@ class LSWAttention(nn.Module):
 
     kind = "lswa"
 
-    def __init__(self, base: nn.Module, spec: LayerSpec):
+    def __init__(self, base: nn.Module, spec):
         super().__init__()
         self.base = base
         self.layer_idx = base.layer_idx
@@ -89,14 +89,16 @@ class LSWAttention(nn.Module):
         """The parameters LSWA adds to the layer (trained by transfer and healing)."""
         return {"feature_map.weight": self.feature_map.weight, "gate_logit": self.gate_logit}
 
+    def kernel_inputs(self, q, k) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+        """(fq, fk, gate, scale): what the LSWA kernels take besides q, k, v (module and engine share it)."""
+        return self.feature_map(q), self.feature_map(k), torch.sigmoid(self.gate_logit), scale_of(self.base)
+
     def attend(self, q, k, v, cache=None) -> torch.Tensor:
         """LSWA over projected q [B,T,H,D], k/v [B,T,Hkv,D]; uses and fills ``cache`` when given."""
-        fq, fk = self.feature_map(q), self.feature_map(k)
+        fq, fk, gate, scale = self.kernel_inputs(q, k)
         if torch.is_autocast_enabled(q.device.type):  # like SDPA under autocast: low-precision tensor cores
             dt = torch.get_autocast_dtype(q.device.type)
             q, k, v, fq, fk = (x.to(dt) for x in (q, k, v, fq, fk))
-        gate = torch.sigmoid(self.gate_logit)
-        scale = getattr(self.base, "scaling", self.head_dim ** -0.5)
         args = dict(gate=gate, scale=scale, backend=self.backend)
         if cache is None:
             return ops.lswa(q, k, v, fq, fk, window=self.window, sinks=self.sinks, **args)
@@ -117,5 +119,76 @@ class LSWAttention(nn.Module):
         return self.base.o_proj(out.flatten(2)), None
 
 
-def build(attn: nn.Module, spec: LayerSpec) -> nn.Module:
+def build(attn: nn.Module, spec) -> nn.Module:
     return LSWAttention(attn, spec)
+
+
+class LSWARunner:
+    """Decode engine: constant-size LSWA state; prefill and decode through lbsearch.kernels.lswa."""
+
+    def __init__(self, layer, batch: int, max_len: int, like: torch.Tensor):
+        self.mod = layer.self_attn
+        base = self.mod.base
+        kv_heads = base.k_proj.out_features // base.head_dim
+        self.st = LSWAState.empty(batch, kv_heads, base.head_dim, self.mod.feature_dim, self.mod.window,
+                                  self.mod.sinks, like.dtype, like.device)
+
+    def _inputs(self, x, cos_sin):
+        q, k, v = project_qkv(self.mod.base, x, cos_sin)
+        return (q, k, v, *self.mod.kernel_inputs(q, k))
+
+    def prefill(self, x, rows: slice, cos_sin):
+        q, k, v, fq, fk, gate, scale = self._inputs(x, cos_sin)
+        out, st = ops.lswa(q, k, v, fq, fk, gate, window=self.mod.window, sinks=self.mod.sinks,
+                           scale=scale, backend=self.mod.backend, return_state=True)
+        for name, buf in vars(self.st).items():
+            buf[rows].copy_(getattr(st, name))
+        return self.mod.base.o_proj(out.to(x.dtype).flatten(2))
+
+    def decode(self, x, pos, cos_sin):
+        q, k, v, fq, fk, gate, scale = self._inputs(x, cos_sin)
+        out = ops.lswa_decode(q[:, 0], k[:, 0], v[:, 0], fq[:, 0], fk[:, 0], gate, self.st, scale,
+                              backend=self.mod.backend)
+        return self.mod.base.o_proj(out.to(x.dtype).reshape(x.shape[0], 1, -1))
+
+    def state(self) -> list[torch.Tensor]:
+        return list(vars(self.st).values())
+
+    def nbytes(self) -> int:
+        return self.st.nbytes()
+
+
+LSWA_STATE_BYTES = 4  # the linear state is float32
+
+
+def kv_bytes(shape, spec, context: int) -> int:
+    """Sinks and ring (keys, values, ring features) in the cache dtype, linear state in fp32, pos."""
+    d, f = shape.head_dim, spec.feature_dim
+    cached = (2 * spec.sinks * d + 2 * spec.window * d + spec.window * f) * shape.dtype_bytes
+    return shape.kv_heads * (cached + (f * d + f) * LSWA_STATE_BYTES) + 8
+
+
+def decode_traffic(shape, spec, batch: int, context: int) -> tuple[float, float]:
+    """The whole state is read; exact scores over window + sinks, plus the linear state read and query."""
+    span = spec.window + spec.sinks + 2 * spec.feature_dim
+    return batch * kv_bytes(shape, spec, context), 4 * batch * shape.heads * span * shape.head_dim
+
+
+def reference(module: LSWAttention, hidden: torch.Tensor, cos_sin) -> torch.Tensor:
+    """The float64 quadratic reference of lbsearch.kernels.lswa on this module's own inputs."""
+    from ..kernels.lswa import lswa_naive
+
+    q, k, v = project_qkv(module.base, hidden, cos_sin)
+    fq, fk, gate, scale = module.kernel_inputs(q, k)
+    out = lswa_naive(*(x.double() for x in (q, k, v, fq, fk, gate)), module.window, module.sinks, scale)
+    return out_projection(module.base.o_proj, out.flatten(2))
+
+
+KIND = AttentionKind(
+    name="lswa", letter="L", build=build, cache_layer=LSWACacheLayer, runner=LSWARunner, trainable=True,
+    fields=(SpecField(name="window", prefix=""), SpecField(name="sinks", prefix="s", minimum=0),
+            SpecField(name="feature_dim", prefix="f", minimum=2, even=True)),
+    kv_bytes=kv_bytes, decode_traffic=decode_traffic,
+    prefill_span=lambda spec, prompt_len: min(prompt_len, spec.window + spec.sinks) + 2 * spec.feature_dim,
+    reference=reference,
+)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable
@@ -23,52 +22,9 @@ from tqdm.auto import tqdm
 
 from ..errors import LBSearchError
 from ..evaluate import TeacherLogits, kl_from_logprobs, topk_of
-from ..surgery import SurgeryHandle, lswa_modules
+from ..surgery import SurgeryHandle, trainable_modules
+from ..recipe import HealConfig
 from .checkpoints import Checkpoints, HealState
-
-ATTN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
-TEACHER_SOURCES = ("auto", "cached", "online")
-
-
-@dataclass(frozen=True, kw_only=True)
-class HealConfig:
-    tokens: int = 65536
-    batch_size: int = 4  # blocks per micro-batch
-    grad_accum: int = 1
-    lr: float = 1e-3  # LSWA parameters
-    lora_lr: float = 2e-4
-    warmup_fraction: float = 0.05
-    temperature: float = 1.0
-    ce_weight: float = 0.0
-    attn_mse_weight: float = 0.0
-    lora_rank: int = 16  # 0: no adapters
-    lora_alpha: int = 32
-    lora_mlp: bool = True
-    teacher: str = "auto"  # see TEACHER_SOURCES and the module docstring
-    top_k: int = 128  # teacher tokens kept per position by the cached teacher
-    checkpoint_tokens: int = 1_000_000
-    eval_tokens: int = 0  # held-out quality every this many tokens (0: only before and after)
-    max_grad_norm: float = 1.0
-    divergence_factor: float = 10.0
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.teacher not in TEACHER_SOURCES:
-            raise LBSearchError(f"healing: teacher={self.teacher!r}; allowed: {', '.join(TEACHER_SOURCES)}")
-        if self.teacher == "cached" and self.attn_mse_weight > 0:
-            raise LBSearchError("healing: attn_mse_weight needs the teacher's attention outputs; "
-                                "use teacher='online' with it")
-
-    def teacher_source(self, train_tokens: int) -> str:
-        """"cached" or "online": what ``teacher`` means for a training set of ``train_tokens``."""
-        if self.teacher != "auto":
-            return self.teacher
-        return "cached" if self.tokens > train_tokens and self.attn_mse_weight == 0 else "online"
-
-    def lora_targets(self) -> list[str]:
-        return list(ATTN_TARGETS + (MLP_TARGETS if self.lora_mlp else ()))
-
 
 def add_lora(model, cfg: HealConfig) -> None:
     """Inject LoRA adapters (peft) into the attention (and optionally MLP) projections still in the model."""
@@ -82,6 +38,27 @@ def add_lora(model, cfg: HealConfig) -> None:
     inject_adapter_in_model(config, model)
 
 
+def remove_lora(model) -> int:
+    """Undo :func:`add_lora`: every adapter-wrapped projection goes back to its original module.
+
+    The wrapped base layers are the original objects with unchanged weights, so the model is
+    exactly what it was before. Returns how many modules were unwrapped.
+    """
+    wrapped = [(name, m) for name, m in model.named_modules() if _is_tuner(m)]
+    for name, module in wrapped:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, module.get_base_layer())
+    if "peft_config" in vars(model):
+        del model.peft_config
+    return len(wrapped)
+
+
+def _is_tuner(module) -> bool:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return isinstance(module, BaseTunerLayer)
+
+
 def _tuner_layers(model):
     from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -92,7 +69,7 @@ def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
     """New LSWA parameters and LoRA weights, by name; everything else is frozen."""
     model.requires_grad_(False)
     names = {}
-    for idx, module in lswa_modules(model).items():
+    for idx, module in trainable_modules(model).items():
         for name, p in module.new_parameters().items():
             names[id(p)] = True
     params = {}
@@ -200,7 +177,7 @@ class AttnOutputs:
 
     def __init__(self, model, handle: SurgeryHandle):
         self.student, self.teacher, self.hooks = {}, {}, []
-        for idx, module in lswa_modules(model).items():
+        for idx, module in trainable_modules(model).items():
             self.hooks.append(module.register_forward_hook(self._save(self.student, idx)))
             self.hooks.append(handle.originals[idx].register_forward_hook(self._save(self.teacher, idx)))
 
@@ -272,20 +249,21 @@ class HealStep:
             self.attn.close()
 
 
-def heal(model, handle: SurgeryHandle, blocks: torch.Tensor, cfg: HealConfig, out_dir: str | Path,
+def heal(model, handle: SurgeryHandle, blocks: torch.Tensor, cfg: HealConfig, out_dir: str | Path | None,
          resume: bool = True, progress: bool = True, stop_after_steps: int | None = None,
          evaluator: Callable[[], dict] | None = None) -> HealState:
     """Distil ``model`` (plan applied via ``handle``, adapters injected) on ``blocks`` [N, T].
 
-    ``evaluator`` (held-out quality as a dict) runs every ``cfg.eval_tokens``; its time is not
-    counted in the healing seconds.
+    Checkpoints go to ``out_dir/checkpoints`` (``None``: no checkpoints, e.g. a brief heal in a
+    search trial). ``evaluator`` (held-out quality as a dict) runs every ``cfg.eval_tokens``; its
+    time is not counted in the healing seconds.
     """
     params = trainable_parameters(model)
     step = HealStep(model, handle, cfg, params, source=cfg.teacher_source(blocks.numel()))
     step_tokens = cfg.batch_size * cfg.grad_accum * blocks.shape[1]
     total_steps = max(1, cfg.tokens // step_tokens)
-    ckpt = Checkpoints(Path(out_dir) / "checkpoints")
-    state = (ckpt.load(params, step.opt, cfg) if resume else None) or HealState()
+    ckpt = Checkpoints(Path(out_dir) / "checkpoints") if out_dir is not None else None
+    state = (ckpt.load(params, step.opt, cfg) if resume and ckpt else None) or HealState()
     every = max(1, cfg.checkpoint_tokens // step_tokens)
     eval_every = max(1, cfg.eval_tokens // step_tokens) if cfg.eval_tokens and evaluator else 0
     start = time.perf_counter() - state.seconds
@@ -305,7 +283,7 @@ def heal(model, handle: SurgeryHandle, blocks: torch.Tensor, cfg: HealConfig, ou
                 loss_sum += step.loss_and_backward(blocks[idx], teacher, 1 / cfg.grad_accum) / cfg.grad_accum
             first = state.losses[0] if state.losses else loss_sum
             if not math.isfinite(loss_sum) or loss_sum > cfg.divergence_factor * max(first, 1e-3):
-                last = ckpt.latest()
+                last = ckpt.latest() if ckpt else None
                 raise LBSearchError(f"healing stopped at step {state.step}: loss {loss_sum:.4g} "
                                     f"(first {first:.4g}); last good checkpoint: "
                                     f"{ckpt.folder / last if last else 'none'}")
@@ -320,7 +298,7 @@ def heal(model, handle: SurgeryHandle, blocks: torch.Tensor, cfg: HealConfig, ou
             if eval_every and state.step % eval_every == 0:
                 state.evals.append({"tokens": state.tokens, "quality": evaluator()})
                 start = time.perf_counter() - state.seconds  # evaluation time is not healing time
-            if state.step % every == 0 or state.step == total_steps:
+            if ckpt and (state.step % every == 0 or state.step == total_steps):
                 ckpt.save(params, step.opt, state, cfg)
     finally:
         bar.close()

@@ -1,24 +1,17 @@
-"""Per-layer attention transfer: train one layer's new LSWA parameters so that its output matches
-the layer's softmax attention on the teacher's own inputs to that layer (relative MSE)."""
+"""Per-layer attention transfer: train one layer's new attention parameters (LSWA's feature map
+and gate) so that its output matches the layer's softmax attention on the teacher's own inputs to
+that layer (relative MSE)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
 
-from ..attention.lswa import LSWAttention
+from ..attention import KINDS
 from ..layers import hidden_states
 from ..models import decoder_layers
 from ..plan import LayerSpec
-
-
-@dataclass(frozen=True, kw_only=True)
-class TransferConfig:
-    steps: int = 300
-    lr: float = 3e-3
-    batch_size: int = 4  # blocks per step
-    val_fraction: float = 0.125
-    seed: int = 0
+from ..recipe import TransferConfig
 
 
 @dataclass(frozen=True)
@@ -59,7 +52,7 @@ def relative_error(module, data: LayerData, idx: torch.Tensor) -> float:
 def transfer_layer(original_attn, spec: LayerSpec, data: LayerData, cfg: TransferConfig) -> tuple[dict, dict]:
     """Train an LSWA block for one layer; returns its new parameters and before/after held-out errors."""
     torch.manual_seed(cfg.seed)
-    module = LSWAttention(original_attn, spec)
+    module = KINDS[spec.kind].build(original_attn, spec)
     params = list(module.new_parameters().values())
     for p in params:
         p.requires_grad_(True)

@@ -1,5 +1,6 @@
 """Decode chain: naive step-by-step == naive full forward; fused Triton step == naive step;
-chunk prefill's state continued by decode steps == naive full forward; ops dispatch.
+chunk prefill's state continued by decode steps == naive full forward; a left-padded prefill
+continued by decode steps == each row alone; ops dispatch.
 
 Runs under TRITON_INTERPRET=1 on CPU (set below before Triton is imported).
 """
@@ -13,6 +14,7 @@ import torch  # noqa: E402
 from lbsearch.kernels.lswa import ops  # noqa: E402
 from lbsearch.kernels.lswa.naive import (LSWAState, lswa_decode_naive, lswa_naive,  # noqa: E402
                                          lswa_state_from_prefill)
+from test_lswa_naive import left_pad  # noqa: E402
 
 INTERPRET = os.environ["TRITON_INTERPRET"] == "1"
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
@@ -124,6 +126,54 @@ def test_prefill_then_decode(shape):
     for n in range(t0, t):
         out = ops.lswa_decode(*(x[:, n] for x in dev[:5]), dev[5], st, backend="triton")
         assert rel_err(out.cpu(), full[:, n]) < 1e-5, n
+
+
+# (B, T, H, Hkv, D, F, window, sinks), prefill length, per-row left padding of the prefill: none,
+# > window, fewer real tokens than sinks, prefill length - 1
+PAD_DECODE = [
+    ((5, 30, 4, 2, 16, 8, 5, 3), 22, [0, 7, 13, 20, 21]),
+    ((3, 45, 2, 1, 32, 16, 20, 3), 36, [0, 25, 35]),
+]
+
+
+def pad_decode_id(case):
+    return shape_id(case[0]) + f"-T0{case[1]}-start" + "_".join(map(str, case[2]))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("case", PAD_DECODE, ids=pad_decode_id)
+def test_left_padded_prefill_then_decode(case, backend, poison, monkeypatch):
+    """ops.lswa on a left-padded prefill, then ops.lswa_decode: the state equals each row's own
+    prefill state and every real output equals the row run alone (naive, unpadded)."""
+    from lbsearch.kernels.lswa import chunk
+
+    def nan_empty(*shape, like, dtype=None):
+        dt = dtype or like.dtype
+        fill = float("nan") if dt.is_floating_point else -12345
+        return torch.full(shape, fill, device=like.device, dtype=dt)
+    monkeypatch.setattr(chunk, "_empty", nan_empty)
+    (b, t, h, hkv, d, f, w, s), t0, starts = case
+    xs = make_inputs(b, t, h, hkv, d, f, seed=3)
+    pre, start = left_pad([x[:, :t0] for x in xs[:5]] + [xs[5]], starts)
+    xs = [torch.cat([p, x[:, t0:]], 1) for p, x in zip(pre[:5], xs[:5])] + [xs[5]]
+    alone = [lswa_naive(*(x[i:i + 1, s0:] for x in xs[:5]), xs[5], w, s)[0]
+             for i, s0 in enumerate(starts)]
+    ref_st = cat_states([lswa_state_from_prefill(xs[1][i:i + 1, s0:t0], xs[2][i:i + 1, s0:t0],
+                                                 xs[4][i:i + 1, s0:t0], w, s)
+                         for i, s0 in enumerate(starts)])
+    dt, tol = (torch.float64, 1e-12) if backend == "torch" else (torch.float32, 1e-5)
+    dev = [x.to(DEVICE, dt) for x in xs]
+    out, st = ops.lswa(*(x[:, :t0] for x in dev[:5]), dev[5], w, s, backend=backend,
+                       return_state=True, start=start.to(DEVICE))
+    for name, a in vars(st).items():
+        assert rel_err(a.cpu(), getattr(ref_st, name)) < 1e-6, name
+    for i, s0 in enumerate(starts):
+        assert rel_err(out[i, s0:].cpu(), alone[i][:t0 - s0]) < tol, i
+        assert (out[i, :s0] == 0).all(), i
+    for n in range(t0, t):
+        out = ops.lswa_decode(*(x[:, n] for x in dev[:5]), dev[5], st, backend=backend)
+        for i, s0 in enumerate(starts):
+            assert rel_err(out[i].cpu(), alone[i][n - s0]) < max(tol, 1e-6), (n, i)  # fp32 lin_s
 
 
 def test_backend_resolution(monkeypatch):

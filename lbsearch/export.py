@@ -1,5 +1,8 @@
-"""Healed results on disk: the plan, the trained tensors (new LSWA parameters + LoRA) and a report.
-Loading them onto the teacher reproduces the healed model's logits."""
+"""Export: healed results on disk, and back.
+
+A healed folder holds the plan, the trained tensors (new attention parameters + LoRA) and a
+report; loading it onto a fresh teacher reproduces the healed model's logits.
+"""
 from __future__ import annotations
 
 import json
@@ -8,11 +11,12 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from ..errors import LBSearchError
-from ..io import atomic_write_json, save_tensors
-from ..plan import Plan
-from ..surgery import SurgeryHandle, apply_plan
-from .healing import HealConfig, add_lora, trainable_parameters
+from .distill.healing import add_lora, trainable_parameters
+from .errors import LBSearchError
+from .io import atomic_write_json, save_tensors
+from .plan import Plan
+from .recipe import HealConfig
+from .surgery import SurgeryHandle, apply_plan
 
 
 def save_healed(model, plan: Plan, cfg: HealConfig, out_dir: str | Path, report: dict | None = None) -> Path:

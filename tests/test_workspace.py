@@ -1,0 +1,99 @@
+"""Workspace: one process scores plan after plan; the student gives the teacher back exactly."""
+import gc
+
+import pytest
+import torch
+from conftest import write_tiny_space
+
+from lbsearch import LBSearchError, Plan
+from lbsearch.models import load_teacher
+from lbsearch.workspace import Workspace
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory, tokenizer):
+    root = tmp_path_factory.mktemp("ws")
+    space = write_tiny_space(root, tokenizer)
+    return Workspace.open(space, device="cpu", cache=root / "cache", progress=False)
+
+
+def live_tensor_bytes() -> int:
+    gc.collect()
+    seen, total = set(), 0
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor):
+            try:
+                storage = obj.untyped_storage()
+            except RuntimeError:
+                continue
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+    return total
+
+
+def test_workspace_holds_the_splits_logits_and_library(ws):
+    assert set(ws.blocks) == {"train", "calibration", "heldout"}
+    assert ws.heldout.blocks.shape[1] == 32 and ws.heldout.blocks.numel() <= 128
+    assert ws.heldout.teacher.logprobs.shape[:2] == ws.heldout.blocks.shape
+    assert ws.defaults.transfer_steps == 50 and ws.library.config.steps == 3  # the space overrides the device
+    assert ws.heal_config(100).lora_rank == 2 and ws.heal_config(100).batch_size == 4
+    assert ws.heal_config(100, batch_size=2).batch_size == 2
+    assert not hasattr(ws.model, "lbsearch_key") and not hasattr(ws.model, "lbsearch_handle")
+
+
+def test_five_students_in_a_row_leave_the_teacher_bit_identical(ws, tmp_path):
+    ids = ws.heldout.blocks[:2]
+    ref = ws.model(ids).logits.clone()
+    fresh = load_teacher(ws.space.model)
+    assert torch.equal(fresh(ids).logits, ref)
+    names = sorted(n for n, _ in ws.model.named_parameters())
+    n_params = sum(p.numel() for p in ws.model.parameters())
+    plans = ["SL8NL16", "NNSS", "L8L8L8L8", "SNL16N", "L16SSN"]
+    sizes = []
+    for i, text in enumerate(plans):
+        heal = ws.heal_config(128) if i % 2 else None
+        session = ws.student(Plan.parse(text), heal)
+        with session as model:
+            out = model(ids).logits
+            assert not torch.equal(out, ref)
+            if heal:
+                assert session.heal_state.tokens == 128  # one step of 4 blocks of 32
+                assert any("lora_" in n for n, _ in model.named_parameters())
+        assert torch.equal(ws.model(ids).logits, ref), text
+        assert sorted(n for n, _ in ws.model.named_parameters()) == names
+        assert sum(p.numel() for p in ws.model.parameters()) == n_params
+        assert not any(p.requires_grad for p in ws.model.parameters())
+        sizes.append(live_tensor_bytes())
+    assert sizes[-1] <= sizes[1] + 2**20, sizes  # nothing accumulates after the first plans warmed up
+
+
+def test_student_restores_when_the_body_raises(ws):
+    ids = ws.heldout.blocks[:1]
+    ref = ws.model(ids).logits.clone()
+    with pytest.raises(ZeroDivisionError):
+        with ws.student(Plan.parse("NL8NS"), ws.heal_config(64)):
+            1 / 0
+    assert torch.equal(ws.model(ids).logits, ref)
+    with ws.student(Plan.parse("SSSS")):  # usable again
+        with pytest.raises(RuntimeError, match="already a student"):
+            ws.student(Plan.parse("NNNN")).__enter__()
+    assert torch.equal(ws.model(ids).logits, ref)
+
+
+def test_assembled_evaluation_reuses_teacher_states_and_equals_a_full_forward(ws):
+    for text in ("SSNL8", "L16NSS", "SSSS", "NNNN"):
+        plan = Plan.parse(text)
+        with ws.student(plan):
+            fast, full = ws.evaluate_assembled(plan), ws.evaluate()
+        for name in full:
+            assert fast[name].kl == pytest.approx(full[name].kl, rel=1e-5, abs=1e-7)
+            assert fast[name].perplexity == pytest.approx(full[name].perplexity, rel=1e-5)
+
+
+def test_bad_device_and_plan_are_one_line_errors(ws, tmp_path):
+    if not torch.cuda.is_available():
+        with pytest.raises(LBSearchError, match="no CUDA GPU"):
+            Workspace.open(ws.space, device="cuda")
+    with pytest.raises(LBSearchError, match="the model has 4"):
+        ws.parse_plan("SSN")
