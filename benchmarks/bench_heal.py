@@ -2,35 +2,30 @@
 
 GPU:  python benchmarks/bench_heal.py --model /tmp/smol.gguf --tokens 10000000 --runs threshold remove uniform
       python benchmarks/bench_heal.py --model /tmp/smol.gguf --tokens 2000000 --runs uniform-s0 threshold-no-lora
-CPU:  python benchmarks/bench_heal.py --device cpu --corpus space --tokens 16384 --runs threshold
+CPU:  python benchmarks/bench_heal.py --device cpu --tokens 4096 --runs threshold
 Plans: threshold = the paper's heuristic on the measured sensitivity table (10 none, 10 lswa,
 layers 0-1 pinned softmax); remove = the same 10 layers removed, the rest softmax; uniform = every
 layer lswa but 0 and 1. A run is a plan plus changes (LSWA spec, transfer, healing config); see
-RUNS. Quality is measured on held-out teacher text and on real technical English (Python
-standard-library docstrings, read with ``ast``). Full reports go to $OUT/bench_heal.json; a short
-table is printed last.
+RUNS. One Workspace serves every run: each plan's student gives the teacher back exactly. Quality
+is measured on held-out teacher text and on held-out real text (python-docs: standard-library
+docstrings). Full reports go to $OUT/bench_heal.json; a short table is printed last.
 """
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import math
 import os
-import sysconfig
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from lbsearch.data import blocks_hash, pack_blocks, sample_teacher_texts
-from lbsearch.distill import BlockLibrary, HealConfig, TransferConfig, heal_plan
-from lbsearch.evaluate import teacher_logits
-from lbsearch.models import load_teacher, load_tokenizer
-from lbsearch.plan import LayerSpec, Plan
-from lbsearch.sensitivity import SensitivityTable, threshold_plan
+from lbsearch.plan import Plan
+from lbsearch.sensitivity import SensitivityTable, remove_only_plan, threshold_plan, uniform_plan
+from lbsearch.space import load_space
+from lbsearch.workspace import Workspace
 
 TABLE = Path(__file__).parent / "results" / "smollm2-135m_sensitivity.json"
 
@@ -65,101 +60,71 @@ RUNS = {
 }
 
 
-def base_plans(table: SensitivityTable) -> dict[str, Plan]:
-    thr = threshold_plan(table, n_none=10, n_lswa=10, pinned=(0, 1))
-    remove = Plan(tuple(s if s.kind == "none" else LayerSpec(kind="softmax") for s in thr.layers))
-    uniform = Plan.uniform(table.n_layers, table.specs["lswa"]).with_layer(0, LayerSpec(kind="softmax"))
-    return {"threshold": thr, "remove": remove, "uniform": uniform.with_layer(1, LayerSpec(kind="softmax"))}
+def base_plans(table: SensitivityTable, lswa) -> dict[str, Plan]:
+    pinned = (0, 1)
+    return {"threshold": threshold_plan(table, 10, 10, lswa, pinned), "remove": remove_only_plan(table, 10, pinned),
+            "uniform": uniform_plan(table.n_layers, lswa, pinned)}
 
 
 def run_plan(run: Run, plans: dict[str, Plan]) -> Plan:
     return Plan(tuple(replace(s, **run.spec) if s.kind == "lswa" else s for s in plans[run.plan].layers))
 
 
-def stdlib_text(n_chars: int) -> str:
-    """Docstrings of the Python standard library (sorted files, parsed, never imported)."""
-    root, parts, total = Path(sysconfig.get_paths()["stdlib"]), [], 0
-    for path in sorted(root.glob("*.py")):
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError):
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)) and (doc := ast.get_docstring(node)):
-                if len(doc) > 200:
-                    parts.append(doc)
-                    total += len(doc)
-        if total >= n_chars:
-            break
-    return "\n\n".join(parts)
-
-
-def corpus_blocks(args, model, tok) -> tuple[torch.Tensor, float]:
-    """Training/held-out blocks: loaded from --corpus-file when it exists, else generated (and saved)."""
-    path = Path(args.corpus_file) if args.corpus_file else None
-    if path and path.is_file():
-        return load_file(str(path))["blocks"].long(), 0.0
-    start = time.perf_counter()
-    if args.corpus == "space":  # the cached default corpus (CPU runs)
-        from lbsearch.data import load_corpus
-        from lbsearch.space import load_space
-
-        texts = list(load_corpus(load_space().data, model, tok)["text"])
-    else:  # rounds with new seeds until the size or the time limit is reached
-        texts, n, seed = [], 0, 0
-        while n < args.corpus_tokens and time.perf_counter() - start < args.corpus_seconds:
-            new = sample_teacher_texts(model, tok, min(args.corpus_tokens - n, 400_000), seed=seed,
-                                       max_new_tokens=256, batch_size=args.gen_batch, progress=False)
-            texts += new
-            n += sum(len(tok(t)["input_ids"]) for t in new)
-            seed += 1
-            print(f"corpus: {n} tokens after {time.perf_counter() - start:.0f} s", flush=True)
-    blocks = pack_blocks(texts, tok, args.seq_len)
-    if path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"blocks": blocks.to(torch.int32).contiguous()}, str(path))
-    return blocks, time.perf_counter() - start
-
-
 def gap_closed(report: dict) -> float:
-    t, b, a = (math.log(report[k]["perplexity"]) for k in ("teacher", "before", "after"))
+    t, b, a = (math.log(report[k]["heldout"]["perplexity"]) for k in ("teacher", "before", "after"))
     return (b - a) / (b - t) if b > t else float("nan")
 
 
 def print_table(results: dict) -> None:
-    print(f"\nheld-out: {results['heldout_tokens']} tokens of teacher text, {results['stdlib_tokens']} tokens of "
-          f"stdlib docstrings; device {results['device']}")
-    print(f"{'run':22} {'S/L/N':>8} {'tokens':>6} {'xfer':>5} {'KL bef':>6} {'KL aft':>6} {'ppl T':>5} "
+    print(f"\nheld-out: {results['heldout_tokens']} tokens of teacher text, {results['real_tokens']} tokens of "
+          f"python-docs; device {results['device']}")
+    print(f"{'run':22} {'S/L/N':>8} {'tokens':>6} {'KL bef':>6} {'KL aft':>6} {'ppl T':>5} "
           f"{'bef':>6} {'aft':>6} {'gap':>4} {'doc T':>6} {'bef':>6} {'aft':>6} {'tok/s':>6} {'s':>4}")
     for name, r in results["runs"].items():
         plan = Plan.parse(r["plan"])
-        err = r["transfer_rel_error"]["mean"] if r["transfer_rel_error"] else float("nan")
-        doc = r["extra"].get("stdlib", {})
-        d = [doc[k]["perplexity"] if doc else float("nan") for k in ("teacher", "before", "after")]
+        h = {k: r[k]["heldout"] for k in ("teacher", "before", "after")}
+        d = [r[k].get("python-docs", {}).get("perplexity", float("nan")) for k in ("teacher", "before", "after")]
         print(f"{name:22} {plan.count('softmax'):>2}/{plan.count('lswa'):>2}/{plan.count('none'):>2} "
-              f"{r['tokens'] / 1e6:5.1f}M {err:5.3f} {r['before']['kl']:6.3f} {r['after']['kl']:6.3f} "
-              f"{r['teacher']['perplexity']:5.2f} {r['before']['perplexity']:6.2f} {r['after']['perplexity']:6.2f} "
+              f"{r['tokens'] / 1e6:5.1f}M {h['before']['kl']:6.3f} {h['after']['kl']:6.3f} "
+              f"{h['teacher']['perplexity']:5.2f} {h['before']['perplexity']:6.2f} {h['after']['perplexity']:6.2f} "
               f"{r['gap_closed']:4.0%} {d[0]:6.2f} {d[1]:6.2f} {d[2]:6.2f} {r['tokens_per_s']:6.0f} "
               f"{r['seconds']:4.0f}")
 
 
+def heal_run(ws: Workspace, name: str, plan: Plan, run: Run, args, teacher: dict) -> dict:
+    """Before/after quality of one run; the teacher comes back exactly afterwards."""
+    steps = run.transfer_steps
+    library = ws.library if steps is None else ws.library_for(replace(ws.library.config, steps=steps))
+    cfg = ws.heal_config(args.tokens, **{**dict(batch_size=args.batch_size, lora_rank=args.lora_rank,
+                                                lora_mlp=not args.no_lora_mlp, teacher=args.teacher,
+                                                checkpoint_tokens=max(args.tokens // 2, 1),
+                                                eval_tokens=args.eval_tokens), **run.heal})
+    start = time.perf_counter()
+    with ws.student(plan, library=library):
+        before = ws.evaluate_assembled(plan)
+    transfer_s = time.perf_counter() - start
+    session = ws.student(plan, cfg, checkpoints=Path(args.work) / name, evaluator=cfg.eval_tokens > 0,
+                         library=library, resume=False)
+    with session:
+        after = ws.evaluate()
+    state = session.heal_state
+    return {"plan": str(plan), "teacher": teacher, "before": {k: q.to_dict() for k, q in before.items()},
+            "after": {k: q.to_dict() for k, q in after.items()}, "tokens": state.tokens, "seconds": state.seconds,
+            "tokens_per_s": state.tokens / max(state.seconds, 1e-9), "transfer_seconds": transfer_s,
+            "final_loss": state.losses[-1] if state.losses else None, "curve": state.evals}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m", help="alias, local dir or .gguf file")
+    p.add_argument("--model", default=None, help="alias, local dir or .gguf file (default: the space's)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--corpus", choices=["generate", "space"], default="generate")
-    p.add_argument("--corpus-file", help="token blocks (safetensors): read if present, else written")
-    p.add_argument("--corpus-tokens", type=int, default=3_000_000)
-    p.add_argument("--corpus-seconds", type=float, default=150.0, help="stop generating after this long")
+    p.add_argument("--cache", default=os.environ.get("LBSEARCH_CACHE"), help="cache folder (corpus, library)")
+    p.add_argument("--corpus-tokens", type=int, default=2_500_000, help="healing corpus (GPU; teacher samples)")
     p.add_argument("--gen-batch", type=int, default=2048)
     p.add_argument("--tokens", type=int, default=10_000_000)
     p.add_argument("--runs", nargs="+", default=["threshold", "uniform", "remove"], choices=list(RUNS))
-    p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--heldout-blocks", type=int, default=64)
-    p.add_argument("--stdlib-blocks", type=int, default=32, help="blocks of docstring text (0: none)")
-    p.add_argument("--calibration-blocks", type=int, default=32)
-    p.add_argument("--transfer-steps", type=int, default=TransferConfig().steps)
+    p.add_argument("--eval-tokens-heldout", type=int, help="held-out teacher and real text (default: the space's)")
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--no-lora-mlp", action="store_true")
     p.add_argument("--teacher", default="cached", choices=["auto", "cached", "online"],
@@ -167,51 +132,40 @@ def main() -> None:
     p.add_argument("--eval-tokens", type=int, default=0, help="held-out quality every this many tokens")
     p.add_argument("--budget-s", type=float, default=1e9, help="start no new run after this many seconds")
     p.add_argument("--out", default=os.environ.get("OUT", "runs/bench_heal"), help="bench_heal.json goes here")
-    p.add_argument("--work", default="runs/bench_heal_work", help="block library, checkpoints, healed models")
+    p.add_argument("--work", default="runs/bench_heal_work", help="checkpoints")
     args = p.parse_args()
     t0 = time.perf_counter()
-    out, work = Path(args.out), Path(args.work)
+    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model, tok = load_teacher(args.model, device=args.device), load_tokenizer(args.model)
-    blocks, gen_s = corpus_blocks(args, model, tok)
-    print(f"corpus: {blocks.numel()} tokens ({gen_s:.0f} s); {time.perf_counter() - t0:.0f} s elapsed", flush=True)
-    held, cal = args.heldout_blocks, args.calibration_blocks
-    heldout, calibration, train = blocks[-held:], blocks[-held - cal:-held], blocks[:-held - cal]
-    teacher = teacher_logits(model, heldout, use_cache=False)
-    extra = {}
-    if args.stdlib_blocks:
-        docs = pack_blocks([stdlib_text(args.stdlib_blocks * args.seq_len * 6)], tok, args.seq_len)
-        docs = docs[:args.stdlib_blocks]
-        extra["stdlib"] = (docs, teacher_logits(model, docs, use_cache=False))
-    plans = base_plans(SensitivityTable.load(TABLE))
-    results = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-               "corpus_tokens": blocks.numel(), "train_tokens": train.numel(), "generate_seconds": gen_s,
-               "heldout_tokens": heldout.numel(), "stdlib_tokens": extra["stdlib"][0].numel() if extra else 0,
-               "config": vars(args), "runs": {}}
+    space = load_space(None).on(args.device.split(":")[0])  # CPU-sized budgets on a CPU
+    held = args.eval_tokens_heldout or space.budgets.eval_tokens
+    data = {**space.data.model_dump(), "healing_corpus_tokens": args.corpus_tokens,
+            "corpus_tokens": max(space.data.corpus_tokens, 4 * held)}
+    budgets = {**space.budgets.model_dump(), "eval_tokens": held}
+    space = space.model_copy(update={"data": type(space.data)(**data), "budgets": type(space.budgets)(**budgets),
+                                     "cpu": {}})
+    ws = Workspace.open(space, device=args.device, cache=args.cache, model=args.model,
+                        defaults={"generate_batch_size": args.gen_batch})
+    print(f"workspace: {time.perf_counter() - t0:.0f} s", flush=True)
+    plans = base_plans(SensitivityTable.load(TABLE), space.default_lswa())
+    teacher = {k: q.to_dict() for k, q in ws.evaluate().items()}
+    results = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+               "train_tokens": ws.healing_blocks.numel(), "heldout_tokens": ws.heldout.blocks.numel(),
+               "real_tokens": sum(e.blocks.numel() for e in ws.real_text.values()), "config": vars(args), "runs": {}}
     for name in args.runs:
         if time.perf_counter() - t0 > args.budget_s:
             print(f"skipping {name}: time budget", flush=True)
             continue
-        run = RUNS[name]
-        steps = args.transfer_steps if run.transfer_steps is None else run.transfer_steps
-        library = BlockLibrary(work / "library", model.lbsearch_key, blocks_hash(calibration),
-                               TransferConfig(steps=steps))
-        cfg = HealConfig(**{**dict(tokens=args.tokens, batch_size=args.batch_size, lora_rank=args.lora_rank,
-                                   lora_mlp=not args.no_lora_mlp, checkpoint_tokens=max(args.tokens // 2, 1),
-                                   eval_tokens=args.eval_tokens, teacher=args.teacher), **run.heal})
-        fresh = load_teacher(args.model, device=args.device)
-        if args.device == "cuda":
+        if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
-        report = heal_plan(fresh, run_plan(run, plans), library, calibration, train, heldout, teacher, cfg,
-                           work / name, resume=False, extra_heldout=extra)
+        report = heal_run(ws, name, run_plan(RUNS[name], plans), RUNS[name], args, teacher)
         report["gap_closed"] = gap_closed(report)
-        report["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None
+        report["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else None
         results["runs"][name] = report
         (out / "bench_heal.json").write_text(json.dumps(results, indent=1))
-        print(f"{name}: ppl {report['before']['perplexity']:.2f} -> {report['after']['perplexity']:.2f} "
-              f"(teacher {report['teacher']['perplexity']:.2f}; {report['tokens_per_s']:.0f} tok/s; "
-              f"{time.perf_counter() - t0:.0f} s elapsed)", flush=True)
-        del fresh
+        h = {k: report[k]["heldout"]["perplexity"] for k in ("teacher", "before", "after")}
+        print(f"{name}: ppl {h['before']:.2f} -> {h['after']:.2f} (teacher {h['teacher']:.2f}; "
+              f"{report['tokens_per_s']:.0f} tok/s; {time.perf_counter() - t0:.0f} s elapsed)", flush=True)
     print_table(results)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -69,16 +70,21 @@ def _save_dataset_atomic(ds, path: Path) -> None:
 
 @torch.no_grad()
 def sample_teacher_texts(model, tokenizer, n_tokens: int, seed: int = 0, max_new_tokens: int = 256,
-                         batch_size: int = 16, progress: bool = True) -> list[str]:
-    """Text sampled from the teacher on the seed prompts (chat template applied), about ``n_tokens`` long."""
-    texts, total, step = [], 0, 0
+                         batch_size: int = 16, progress: bool = True) -> tuple[list[str], list[int]]:
+    """The teacher's answers to the seed prompts (asked through its chat template), about
+    ``n_tokens`` of answer text, and the index of the prompt each answers.
+
+    Only the answer is kept: the chat boilerplate and the prompt would repeat across documents
+    (and across splits); the prompt index lets splits keep all answers to one prompt together.
+    """
+    texts, groups, total, step = [], [], 0, 0
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     bar = tqdm(total=n_tokens, desc="teacher corpus", unit="tok", disable=not progress)
     while total < n_tokens:
-        prompts = [SEED_PROMPTS[(step * batch_size + i) % len(SEED_PROMPTS)] for i in range(batch_size)]
-        chats = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                               add_generation_prompt=True) for p in prompts]
+        index = [(step * batch_size + i) % len(SEED_PROMPTS) for i in range(batch_size)]
+        chats = [tokenizer.apply_chat_template([{"role": "user", "content": SEED_PROMPTS[i]}], tokenize=False,
+                                               add_generation_prompt=True) for i in index]
         ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in chats]
         width = max(map(len, ids))
         input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)
@@ -86,33 +92,42 @@ def sample_teacher_texts(model, tokenizer, n_tokens: int, seed: int = 0, max_new
         torch.manual_seed(seed * 100003 + step)
         out = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=True, max_new_tokens=max_new_tokens,
                              pad_token_id=pad, **SAMPLING)
-        for row, prompt_len in zip(out.tolist(), (len(x) for x in ids)):
+        for row, prompt in zip(out.tolist(), index):
             new = row[width:]
             keep = [t for t in new if t != pad] if pad != tokenizer.eos_token_id else new[: _until_eos(new, pad)]
-            texts.append(tokenizer.decode(row[width - prompt_len:width] + keep))
-            total += prompt_len + len(keep)
+            text = tokenizer.decode(keep, skip_special_tokens=True).strip()
+            if text:
+                texts.append(text)
+                groups.append(prompt)
+                total += len(keep)
         bar.update(min(total, n_tokens) - bar.n)
         step += 1
     bar.close()
-    return texts
+    return texts, groups
 
 
 def teacher_corpus(model, tokenizer, n_tokens: int, seed: int = 0, max_new_tokens: int = 256,
                    batch_size: int = 16, model_key: str = "model"):
-    """:func:`sample_teacher_texts` as a ``datasets`` Dataset, cached on disk.
+    """:func:`sample_teacher_texts` as a ``datasets`` Dataset (columns ``text``, ``group``), cached.
 
     Keyed by everything that shapes the samples (``model_key``, seed, size, length, batch size,
-    prompts, sampling settings), so any change regenerates it.
+    prompts, sampling settings), so any change regenerates it; a damaged entry is regenerated.
     """
     from datasets import Dataset, load_from_disk
 
     batch_size = min(batch_size, max(16, n_tokens // (max_new_tokens // 2)))  # no batch far larger than needed
-    key = stable_hash(model_key, seed, n_tokens, max_new_tokens, batch_size, SEED_PROMPTS, SAMPLING)
+    key = stable_hash("answers-v2", model_key, seed, n_tokens, max_new_tokens, batch_size, SEED_PROMPTS, SAMPLING)
     path = cache_dir("corpora") / f"teacher-{key}"
     if (path / "dataset_info.json").is_file():
-        return load_from_disk(str(path))
-    texts = sample_teacher_texts(model, tokenizer, n_tokens, seed, max_new_tokens, batch_size)
-    ds = Dataset.from_dict({"text": texts})
+        try:
+            return load_from_disk(str(path))
+        except Exception:  # noqa: BLE001 - any damage means: sample again
+            print(f"lbsearch: {path}: damaged corpus cache, sampling it again", file=sys.stderr)
+    print(f"lbsearch: sampling {n_tokens:,} tokens of the teacher's answers to {len(SEED_PROMPTS)} prompts "
+          "(data-free distillation: the teacher writes the text the students are compared on); "
+          f"this runs once, then {path} is reused", file=sys.stderr, flush=True)
+    texts, groups = sample_teacher_texts(model, tokenizer, n_tokens, seed, max_new_tokens, batch_size)
+    ds = Dataset.from_dict({"text": texts, "group": groups})
     _save_dataset_atomic(ds, path)
     return ds
 
@@ -164,15 +179,18 @@ def load_corpus(cfg: DataConfig, model=None, tokenizer=None, model_key: str = "m
 
 
 def python_docs(max_chars: int = 4_000_000) -> list[str]:
-    """Docstrings of this Python's standard library over 200 characters (sorted files, parsed with
-    ``ast``, never imported): real technical English on every machine with Python, offline.
+    """Docstrings over 200 characters of this Python's public standard-library modules (parsed with
+    ``ast``, never imported), in a fixed pseudo-random order (by content hash) so any prefix samples
+    the whole library: real technical English on every machine with Python, offline.
 
     Evaluation text only: it must never enter a training corpus (see :func:`check_training_source`).
     """
     import ast
 
-    docs, total = [], 0
+    docs = []
     for path in sorted(stdlib_dir().glob("*.py")):
+        if path.name.startswith("_"):
+            continue
         try:
             tree = ast.parse(path.read_text(encoding="utf-8"))
         except (SyntaxError, UnicodeDecodeError, OSError):
@@ -182,10 +200,14 @@ def python_docs(max_chars: int = 4_000_000) -> list[str]:
                 doc = ast.get_docstring(node)
                 if doc and len(doc) > 200:
                     docs.append(doc)
-                    total += len(doc)
+    docs.sort(key=lambda d: hashlib.sha256(d.encode()).digest())
+    out, total = [], 0
+    for doc in docs:
         if total >= max_chars:
             break
-    return docs
+        out.append(doc)
+        total += len(doc)
+    return out
 
 
 def stdlib_dir() -> Path:
@@ -222,8 +244,11 @@ def _bucket(index: int, seed: int) -> float:
 
 
 def split_corpus(ds, cfg: DataConfig) -> dict:
-    """Deterministic split by a hash of (seed, document index): same corpus and seed, same split."""
-    u = [_bucket(i, cfg.seed) for i in range(len(ds))]
+    """Deterministic split of whole documents by a hash of (seed, group): same corpus and seed, same
+    split. The group is the document's ``group`` column when there is one (the prompt a teacher
+    answer answers, so no prompt is in two splits), else its index."""
+    groups = ds["group"] if "group" in ds.column_names else range(len(ds))
+    u = [_bucket(g, cfg.seed) for g in groups]
     held, cal = cfg.heldout_fraction, cfg.heldout_fraction + cfg.calibration_fraction
     names = ["heldout" if x < held else "calibration" if x < cal else "train" for x in u]
     splits = {s: ds.select([i for i, n in enumerate(names) if n == s]) for s in SPLITS}

@@ -75,20 +75,29 @@ class SensitivityTable:
         return "\n".join(lines)
 
     def heatmap_png(self) -> bytes:
+        """KL per (kind, layer) as a heatmap; darker is worse; each cell annotated with its value."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
         kinds = list(self.rows)
-        data = torch.tensor([self.column(k) for k in kinds]).clamp_min(1e-6).log10().numpy()
-        fig, ax = plt.subplots(figsize=(max(6, self.n_layers * 0.35), 1.2 + 0.6 * len(kinds)))
+        kl = torch.tensor([self.column(k) for k in kinds])
+        data = kl.clamp_min(1e-6).log10().numpy()
+        fig, ax = plt.subplots(figsize=(max(7, self.n_layers * 0.42), 1.6 + 0.7 * len(kinds)))
         im = ax.imshow(data, aspect="auto", cmap="magma_r")
-        ax.set_yticks(range(len(kinds)), kinds)
+        labels = [f"{k} ({'trained' if 'trained' in k else 'untrained'} {self.specs[k].token()})"
+                  if self.specs[k].kind == "lswa" else k for k in kinds]
+        ax.set_yticks(range(len(kinds)), labels)
         ax.set_xticks(range(self.n_layers))
         ax.set_xlabel("layer")
-        ax.set_title(f"{self.model}: KL to teacher with one layer changed (log10)")
-        fig.colorbar(im, ax=ax, fraction=0.03)
+        for (row, col), value in zip(((r, c) for r in range(len(kinds)) for c in range(self.n_layers)), kl.flatten()):
+            shade = data[row, col] > (data.min() + data.max()) / 2
+            ax.text(col, row, f"{value:.2g}", ha="center", va="center", fontsize=6,
+                    color="white" if shade else "black")
+        ax.set_title(f"{self.model}: KL to the teacher with only that layer changed "
+                     f"({self.tokens} held-out tokens; darker = worse)")
+        fig.colorbar(im, ax=ax, fraction=0.03, label="log10 KL")
         fig.tight_layout()
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=120)

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt,
-                      TypeAdapter, ValidationError, field_validator)
+                      TypeAdapter, ValidationError, field_validator, model_validator)
 
 from .attention import KINDS
 from .errors import LBSearchError
@@ -63,13 +63,11 @@ MAX_TOKENS = 10**11  # larger budgets are typos, not plans
 
 
 class Budgets(_Strict):
-    """Token budgets; the ``_cpu`` variants apply when the workspace runs without a GPU."""
+    """Token budgets (the space's ``cpu:`` section gives CPU-sized ones)."""
 
     calibration_tokens: PositiveInt = Field(16384, le=MAX_TOKENS)
     healing_tokens: PositiveInt = Field(10_000_000, le=MAX_TOKENS)  # fidelity "full"
-    healing_tokens_cpu: PositiveInt = Field(16384, le=MAX_TOKENS)
     trial_healing_tokens: PositiveInt = Field(250_000, le=MAX_TOKENS)  # fidelity "brief"
-    trial_healing_tokens_cpu: PositiveInt = Field(2048, le=MAX_TOKENS)
     eval_tokens: PositiveInt = Field(4096, le=MAX_TOKENS)
     sensitivity_tokens: PositiveInt = Field(2048, le=MAX_TOKENS)
 
@@ -133,6 +131,38 @@ class DataConfig(_Strict):
     seed: int = 0
 
 
+Fraction = Annotated[float, Field(ge=0, le=1)]
+FidelityName = Literal["assembled", "brief", "full"]  # lbsearch.objective.FIDELITIES
+
+
+class SearchSettings(_Strict):
+    """How ``lbsearch search`` runs (flags override): sampler, budget, fidelities and the sensitivity prior."""
+
+    sampler: Literal["tpe", "nsga2", "gp", "random"] = "tpe"  # lbsearch.search.sampler.SAMPLERS
+    seed: int = 0
+    trials: PositiveInt | None = 100  # stop when the study holds this many complete trials
+    time_budget: PositiveFloat | None = None  # seconds of search (in-flight trials finish)
+    fidelity: FidelityName = "assembled"  # what the search ranks plans at
+    rescore_fidelity: FidelityName | None = "brief"  # the front's best plans are re-scored at this
+    rescore_top: NonNegativeInt = 5
+    n_startup_trials: PositiveInt = 16  # prior draws (and the base sampler's startup), threshold plans included
+    # the paper's threshold plans, enqueued first: (removed, lswa) as fractions of the searchable layers
+    threshold_budgets: list[tuple[Fraction, Fraction]] = Field(default_factory=lambda: [
+        (0.0, 0.5), (0.0, 1.0), (0.1, 0.2), (0.2, 0.3), (0.3, 0.3), (0.4, 0.4), (0.5, 0.5)])
+    prior_temperature: PositiveFloat = 1.0  # KL scale of the prior, times the table's median KL
+    prior_gain_power: float = Field(1.0, ge=0)  # weight of each choice's per-layer speed-up
+    prior_floor: float = Field(0.1, ge=0, lt=1)  # share of every layer's mass spread evenly over its choices
+    reference: dict[Objective, float] = Field(default_factory=dict)  # hypervolume reference overrides
+
+    @field_validator("threshold_budgets")
+    @classmethod
+    def _at_most_all_layers(cls, budgets):
+        for n_none, n_lswa in budgets:
+            if n_none + n_lswa > 1:
+                raise ValueError(f"({n_none}, {n_lswa}): the two fractions add up to more than 1")
+        return budgets
+
+
 class SearchSpace(_Strict):
     model: str = "smollm2-135m"
     kinds: KindChoices = Field(default_factory=KindChoices)
@@ -142,9 +172,34 @@ class SearchSpace(_Strict):
     target: Target = Field(default_factory=Target)
     budgets: Budgets = Field(default_factory=Budgets)
     data: DataConfig = Field(default_factory=DataConfig)
+    search: SearchSettings = Field(default_factory=SearchSettings)
     # overrides of lbsearch.distill.HealConfig / TransferConfig (their defaults live there)
     heal: Annotated[dict[str, Any], _overrides_of(HealConfig, exclude=("tokens",))] = Field(default_factory=dict)
     transfer: Annotated[dict[str, Any], _overrides_of(TransferConfig)] = Field(default_factory=dict)
+    # what changes without a GPU: any part of this space, merged over it (CPU-sized budgets)
+    cpu: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _cpu_section_is_valid(self):
+        if self.cpu:
+            self.on_cpu()
+        return self
+
+    def on_cpu(self) -> "SearchSpace":
+        """This space as it runs without a GPU: the ``cpu:`` section merged over the rest."""
+        if not self.cpu:
+            return self
+        if "cpu" in self.cpu:
+            raise ValueError("cpu: cannot hold another cpu section")
+        merged = _merge(self.model_dump(exclude={"cpu"}), self.cpu)
+        try:
+            return SearchSpace.model_validate(merged)
+        except ValidationError as exc:
+            raise ValueError(_one_line(exc.errors()[0], "cpu")) from None
+
+    def on(self, device) -> "SearchSpace":
+        """The space as it runs on ``device`` (a torch device or its type name)."""
+        return self if getattr(device, "type", device) == "cuda" else self.on_cpu()
 
     @property
     def lswa_defaults(self) -> LSWADefaults:
@@ -193,6 +248,14 @@ class SearchSpace(_Strict):
         if cap is not None and plan.count("none") > cap:
             out.append(f"{plan.count('none')} removed layers > max_removed_layers {cap}")
         return out
+
+
+def _merge(base: dict, over: dict) -> dict:
+    """``over`` merged into ``base``: nested mappings merge, anything else replaces."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def _allowed_keys(loc: tuple) -> list[str]:

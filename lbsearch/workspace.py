@@ -34,7 +34,8 @@ class DeviceDefaults:
     """What differs between a GPU and a CPU run, in one place (the space and flags override)."""
 
     transfer_steps: int
-    heal_batch_size: int
+    heal_batch_size: int  # blocks per micro-batch
+    heal_grad_accum: int  # micro-batches per step (CPU: 1 block x 4 keeps the peak near 4 GB for SmolLM2)
     eval_batch_size: int
     generate_batch_size: int
     healing_tokens: int  # fidelity "full"
@@ -45,11 +46,12 @@ class DeviceDefaults:
     def for_device(cls, device: torch.device, space: SearchSpace) -> "DeviceDefaults":
         b, data = space.budgets, space.data
         if device.type == "cuda":
-            return cls(transfer_steps=300, heal_batch_size=32, eval_batch_size=16, generate_batch_size=512,
+            return cls(transfer_steps=300, heal_batch_size=32, heal_grad_accum=1, eval_batch_size=16,
+                       generate_batch_size=512,
                        healing_tokens=b.healing_tokens, trial_healing_tokens=b.trial_healing_tokens,
                        healing_corpus_tokens=data.healing_corpus_tokens if data.source == "teacher" else 0)
-        return cls(transfer_steps=50, heal_batch_size=4, eval_batch_size=4, generate_batch_size=16,
-                   healing_tokens=b.healing_tokens_cpu, trial_healing_tokens=b.trial_healing_tokens_cpu,
+        return cls(transfer_steps=50, heal_batch_size=1, heal_grad_accum=4, eval_batch_size=4, generate_batch_size=64,
+                   healing_tokens=b.healing_tokens, trial_healing_tokens=b.trial_healing_tokens,
                    healing_corpus_tokens=0)
 
 
@@ -101,6 +103,7 @@ class Workspace:
             os.environ["LBSEARCH_CACHE"] = str(Path(cache).expanduser().resolve())
         space = space if isinstance(space, SearchSpace) else load_space(space)
         dev = pick_device(device)
+        space = space.on(dev)
         ref = model or space.model
         key = model_key(ref)
         teacher, tokenizer = load_teacher(ref, device=str(dev)), load_tokenizer(ref)
@@ -133,7 +136,8 @@ class Workspace:
     # -- configs ---------------------------------------------------------------------------
     def heal_config(self, tokens: int | None = None, **overrides) -> HealConfig:
         """The space's recipe with this device's batch size; ``tokens`` defaults to the full budget."""
-        base = {"batch_size": self.defaults.heal_batch_size, "tokens": tokens or self.defaults.healing_tokens}
+        d = self.defaults
+        base = {"batch_size": d.heal_batch_size, "grad_accum": d.heal_grad_accum, "tokens": tokens or d.healing_tokens}
         return HealConfig(**{**base, **self.space.heal, **overrides})
 
     def parse_plan(self, text: str, source: str = "plan") -> Plan:
@@ -209,10 +213,12 @@ class Workspace:
                                                 progress=self.progress)
 
     def student(self, plan: Plan, heal: HealConfig | None = None, *, checkpoints: str | Path | None = None,
-                evaluator: bool = False, library: BlockLibrary | None = None) -> "Student":
+                resume: bool = True, evaluator: bool = False, library: BlockLibrary | None = None) -> "Student":
         """Context manager: the teacher as ``plan``'s student (assembled from the block library, or
-        ``library``; healed when ``heal`` is given), restored exactly on exit; see :class:`Student`."""
-        return Student(self, plan.check(self.n_layers), heal, checkpoints, evaluator, library or self.library)
+        ``library``; healed when ``heal`` is given, checkpointing to ``checkpoints`` and resuming from
+        them unless ``resume`` is False), restored exactly on exit; see :class:`Student`."""
+        return Student(self, plan.check(self.n_layers), heal, checkpoints, evaluator, library or self.library,
+                       resume)
 
     def library_for(self, transfer: TransferConfig) -> BlockLibrary:
         """A block library beside the workspace's, for other transfer settings (ablations)."""
@@ -229,9 +235,9 @@ class Student:
     """
 
     def __init__(self, workspace: Workspace, plan: Plan, heal: HealConfig | None,
-                 checkpoints: str | Path | None, evaluator: bool, library: BlockLibrary):
+                 checkpoints: str | Path | None, evaluator: bool, library: BlockLibrary, resume: bool = True):
         self.ws, self.plan, self.heal, self.checkpoints, self.evaluator = workspace, plan, heal, checkpoints, evaluator
-        self.library = library
+        self.library, self.resume = library, resume
         self.handle = None
         self.transfers: list[dict] = []
         self.heal_state = None
@@ -250,7 +256,7 @@ class Student:
                 add_lora(ws.model, self.heal)
                 evaluate = (lambda: {k: q.to_dict() for k, q in ws.evaluate().items()}) if self.evaluator else None
                 self.heal_state = heal(ws.model, self.handle, ws.healing_blocks, self.heal, self.checkpoints,
-                                       resume=self.checkpoints is not None, progress=ws.progress, evaluator=evaluate)
+                                       resume=self.resume, progress=ws.progress, evaluator=evaluate)
         except BaseException:
             self._restore()
             raise

@@ -75,7 +75,7 @@ def write_tiny_space(root, tokenizer, *, layers: int = 4, extra: str = "", docs:
     space.write_text(f"model: {root / 'tiny'}\n"
                      f"data: {{source: {root / 'corpus.jsonl'}, seq_len: 32}}\n"
                      "budgets: {eval_tokens: 128, calibration_tokens: 128, sensitivity_tokens: 64, "
-                     "healing_tokens_cpu: 256, trial_healing_tokens_cpu: 128}\n"
+                     "healing_tokens: 256, trial_healing_tokens: 128}\n"
                      "lswa: {windows: [8, 16], feature_dims: [16]}\n"
                      "transfer: {steps: 3}\n"
                      "heal: {lora_rank: 2}\n" + extra)

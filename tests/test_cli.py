@@ -47,7 +47,7 @@ def test_sensitivity_command_end_to_end(tmp_path, tiny_dir, monkeypatch):
 def test_heal_command_end_to_end_and_resume(tmp_path, tiny_dir):
     space = tmp_path / "space.yaml"
     space.write_text(f"model: {tiny_dir}\ndata: {{corpus_tokens: 1500, seq_len: 32}}\n"
-                     "budgets: {eval_tokens: 64, calibration_tokens: 128, healing_tokens_cpu: 512}\n"
+                     "budgets: {eval_tokens: 64, calibration_tokens: 128, healing_tokens: 512}\n"
                      "lswa: {windows: [8], feature_dims: [16]}\n")
     env = dict(__import__("os").environ, LBSEARCH_CACHE=str(tmp_path / "cache"))
     out = tmp_path / "heal"

@@ -13,7 +13,8 @@ def test_teacher_corpus_is_generated_once_then_cached(tokenizer, cache_home):
     model = tiny_model("llama", vocab=49152)
     ds = teacher_corpus(model, tokenizer, n_tokens=300, seed=1, max_new_tokens=16, batch_size=4)
     assert len(ds) >= 4 and all(isinstance(t, str) and t for t in ds["text"])
-    assert "<|im_start|>user" in ds["text"][0]  # the chat template is part of the text
+    assert not any("<|im_start|>" in t or "user" == t[:4] for t in ds["text"])  # answers only, no chat boilerplate
+    assert set(ds["group"]) <= set(range(32))
     model.generate = None  # a second call must not generate
     again = teacher_corpus(model, tokenizer, n_tokens=300, seed=1, max_new_tokens=16, batch_size=4)
     assert again["text"] == ds["text"]
@@ -82,3 +83,26 @@ def test_pack_blocks_joins_documents_with_eos(tokenizer, corpus_files):
     assert pack_blocks(ds, tokenizer, seq_len=32, max_tokens=70).shape == (2, 32)
     with pytest.raises(LBSearchError, match="not enough text"):
         pack_blocks(ds.select([0]), tokenizer, seq_len=4096)
+
+
+def test_teacher_answers_split_by_prompt(tokenizer, cache_home):
+    """No prompt has answers in two splits (held-out text shares no prompt with training text)."""
+    model = tiny_model("llama", vocab=49152)
+    ds = teacher_corpus(model, tokenizer, n_tokens=600, seed=3, max_new_tokens=8, batch_size=64)
+    splits = split_corpus(ds, DataConfig(seed=0))
+    groups = {name: set(part["group"]) for name, part in splits.items()}
+    assert all(groups.values())
+    assert not (groups["train"] & groups["heldout"]) and not (groups["train"] & groups["calibration"])
+    assert not (groups["heldout"] & groups["calibration"])
+
+
+def test_python_docs_is_evaluation_text_only(tmp_path):
+    from lbsearch.data import check_training_source, eval_texts, stdlib_dir
+
+    docs = eval_texts("python-docs")
+    assert len(docs) > 100 and all(len(d) > 200 for d in docs)
+    with pytest.raises(LBSearchError, match="evaluation text"):
+        check_training_source(str(stdlib_dir() / "json"))
+    with pytest.raises(LBSearchError, match="neither a local file"):
+        eval_texts("wikitext-offline")
+    check_training_source(str(tmp_path))  # anything else is fine

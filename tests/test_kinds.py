@@ -133,3 +133,25 @@ def test_letters_are_unique_and_upper_case():
     letters = [k.letter for k in KINDS.values()]
     assert len(set(letters)) == len(letters) and all(len(x) == 1 and x.isupper() for x in letters)
     assert ORIGINAL in KINDS
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_left_padded_batch_equals_each_row_alone(name):
+    """Forward and generate(): a left-padded row gives what the row gives alone (pads are no sinks)."""
+    model = tiny_model("llama", layers=4)
+    model.generation_config.eos_token_id = None
+    plan = mixed_plan(name)
+    rows = [torch.randint(1, 96, (n,), generator=torch.Generator().manual_seed(n)) for n in (30, 17, 9)]
+    width = max(len(r) for r in rows)
+    ids = torch.stack([torch.cat([torch.zeros(width - len(r), dtype=torch.long), r]) for r in rows])
+    mask = (torch.arange(width)[None] >= torch.tensor([width - len(r) for r in rows])[:, None]).long()
+    with apply_plan(model, plan):
+        randomize(model, plan)
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)  # what generate() passes: rows start at position 0
+        logits = model(ids, attention_mask=mask, position_ids=positions).logits
+        gen = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        for b, r in enumerate(rows):
+            alone = model(r[None]).logits[0]
+            assert rel(logits[b, width - len(r):], alone) < 1e-5, (name, b)
+            alone_gen = model.generate(r[None], max_new_tokens=8, do_sample=False, pad_token_id=0)
+            assert torch.equal(gen[b, width - len(r):], alone_gen[0]), (name, b)

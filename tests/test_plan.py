@@ -72,3 +72,18 @@ def test_bad_plan_files(tmp_path):
     bad.write_text("layers: [{kind: lswa, window: 8, sinks: 1, feature_dim: 8}, {kind: tiny}]")
     with pytest.raises(LBSearchError, match="unknown attention kind 'tiny'"):
         Plan.load(bad)
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    import os
+
+    from lbsearch.io import atomic_write_text
+
+    old = os.umask(0o027)
+    try:
+        path = atomic_write_text(tmp_path / "a.json", "{}")
+        assert path.stat().st_mode & 0o777 == 0o640
+        os.umask(0o022)
+        assert atomic_write_text(tmp_path / "b.json", "{}").stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(old)

@@ -93,3 +93,32 @@ def test_cli_bad_model_dir_exit_code_2(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
+
+
+def test_cpu_section_merges_over_the_space(tmp_path):
+    space = load_space(write(tmp_path, "model: smollm2-135m\nbudgets: {eval_tokens: 8192}\n"
+                                      "cpu: {budgets: {eval_tokens: 1024}, lswa: {windows: [64]}}\n"))
+    assert space.on("cuda").budgets.eval_tokens == 8192 and space.on("cuda").lswa.windows == [64]
+    cpu = space.on("cpu")
+    assert cpu.budgets.eval_tokens == 1024 and cpu.budgets.calibration_tokens == space.budgets.calibration_tokens
+    default = load_space()
+    assert default.on("cpu").budgets.eval_tokens < default.budgets.eval_tokens
+
+
+@pytest.mark.parametrize("patch, message", [
+    ("cpu: {budgets: {eval_tokens: -5}}", "cpu: budgets.eval_tokens"),
+    ("cpu: {budgets: {eval_tokns: 5}}", "cpu: budgets.eval_tokns: unknown key"),
+    ("heal: {lora_rank: -1}", "heal: healing: lora_rank must be a number in [0, 65536]"),
+    ("heal: {lora_rnk: 8}", "heal: unknown key 'lora_rnk'; allowed: batch_size"),
+    ("heal: {tokens: 8}", "unknown key 'tokens'"),
+    ("heal: {teacher: disk}", "teacher='disk'; allowed: auto, cached, online"),
+    ("transfer: {steps: many}", "transfer: steps: Input should be a valid integer"),
+    ("budgets: {healing_tokens: 1e30}", "budgets.healing_tokens"),
+    ("target: {device: tpu}", "target.device: unknown device 'tpu'; allowed: local, h200"),
+    ("target: {batch: 0}", "target.batch"),
+])
+def test_bad_sections_give_one_line(tmp_path, patch, message):
+    path = write(tmp_path, "model: smollm2-135m\n" + patch + "\n")
+    with pytest.raises(LBSearchError) as err:
+        load_space(path)
+    assert message in str(err.value) and "\n" not in str(err.value)

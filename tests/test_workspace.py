@@ -37,7 +37,8 @@ def test_workspace_holds_the_splits_logits_and_library(ws):
     assert ws.heldout.blocks.shape[1] == 32 and ws.heldout.blocks.numel() <= 128
     assert ws.heldout.teacher.logprobs.shape[:2] == ws.heldout.blocks.shape
     assert ws.defaults.transfer_steps == 50 and ws.library.config.steps == 3  # the space overrides the device
-    assert ws.heal_config(100).lora_rank == 2 and ws.heal_config(100).batch_size == 4
+    cfg = ws.heal_config(100)
+    assert cfg.lora_rank == 2 and (cfg.batch_size, cfg.grad_accum) == (1, 4)  # CPU: 4 blocks a step, 1 at a time
     assert ws.heal_config(100, batch_size=2).batch_size == 2
     assert not hasattr(ws.model, "lbsearch_key") and not hasattr(ws.model, "lbsearch_handle")
 

@@ -41,6 +41,18 @@ def scale_of(attn) -> float:
     return getattr(attn, "scaling", attn.head_dim ** -0.5)
 
 
+def left_padding(mask, t: int) -> torch.Tensor | None:
+    """Per-row count of left-padding tokens among the last ``t`` keys, from the attention mask a
+    decoder layer receives (a 4-D bool or additive mask, or a 2-D 0/1 mask); None when no row is
+    padded. Read from the last query, which is a real token under left padding."""
+    if mask is None or not torch.is_tensor(mask):
+        return None
+    row = mask[:, 0, -1, -t:] if mask.dim() == 4 else mask[:, -t:]
+    keep = row if row.dtype == torch.bool else (row > torch.finfo(row.dtype).min / 2 if mask.dim() == 4 else row > 0)
+    start = (~keep).long().cumprod(-1).sum(-1)
+    return None if not bool(start.any()) else start
+
+
 def pick_cache(kwargs: dict):
     """The cache argument, named ``cache`` in newer transformers and ``past_key_values`` before."""
     cache = kwargs.get("cache")

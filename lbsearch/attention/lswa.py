@@ -13,7 +13,8 @@ from torch import nn
 
 from ..kernels.lswa import LSWAState, ops
 from .base import AttentionKind, SpecField
-from .common import CountingCacheLayer, cache_layer, out_projection, pick_cache, project_qkv, scale_of
+from .common import (CountingCacheLayer, cache_layer, left_padding, out_projection, pick_cache, project_qkv,
+                     scale_of)
 
 # sigmoid(4) = 0.982: untrained LSWA is mostly window + sinks softmax (StreamingLLM), with a small
 # linear share that the per-layer transfer then learns to use.
@@ -93,19 +94,23 @@ class LSWAttention(nn.Module):
         """(fq, fk, gate, scale): what the LSWA kernels take besides q, k, v (module and engine share it)."""
         return self.feature_map(q), self.feature_map(k), torch.sigmoid(self.gate_logit), scale_of(self.base)
 
-    def attend(self, q, k, v, cache=None) -> torch.Tensor:
-        """LSWA over projected q [B,T,H,D], k/v [B,T,Hkv,D]; uses and fills ``cache`` when given."""
+    def attend(self, q, k, v, cache=None, start: torch.Tensor | None = None) -> torch.Tensor:
+        """LSWA over projected q [B,T,H,D], k/v [B,T,Hkv,D]; uses and fills ``cache`` when given.
+
+        ``start`` [B]: left-padding tokens per row (they are neither keys nor sinks; the decode
+        state counts real tokens only, so a padded row decodes exactly like the row alone).
+        """
         fq, fk, gate, scale = self.kernel_inputs(q, k)
         if torch.is_autocast_enabled(q.device.type):  # like SDPA under autocast: low-precision tensor cores
             dt = torch.get_autocast_dtype(q.device.type)
             q, k, v, fq, fk = (x.to(dt) for x in (q, k, v, fq, fk))
         args = dict(gate=gate, scale=scale, backend=self.backend)
         if cache is None:
-            return ops.lswa(q, k, v, fq, fk, window=self.window, sinks=self.sinks, **args)
+            return ops.lswa(q, k, v, fq, fk, window=self.window, sinks=self.sinks, start=start, **args)
         layer = cache_layer(cache, self.layer_idx, LSWACacheLayer)
         if layer.state is None:
             out, layer.state = ops.lswa(q, k, v, fq, fk, window=self.window, sinks=self.sinks,
-                                        return_state=True, **args)
+                                        return_state=True, start=start, **args)
         else:
             steps = [ops.lswa_decode(q[:, t], k[:, t], v[:, t], fq[:, t], fk[:, t], state=layer.state, **args)
                      for t in range(q.shape[1])]
@@ -115,7 +120,8 @@ class LSWAttention(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None, *args, **kwargs):
         q, k, v = project_qkv(self.base, hidden_states, position_embeddings)
-        out = self.attend(q, k, v, pick_cache(kwargs)).to(hidden_states.dtype)
+        start = left_padding(kwargs.get("attention_mask"), hidden_states.shape[1])
+        out = self.attend(q, k, v, pick_cache(kwargs), start).to(hidden_states.dtype)
         return self.base.o_proj(out.flatten(2)), None
 
 

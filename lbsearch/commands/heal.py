@@ -18,8 +18,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     add_common(p, "runs/<model>/heal-<plan key>")
     p.add_argument("--plan", required=True, help="plan string (e.g. SSL64N...) or plan file (.json/.yaml); "
                    "`lbsearch plan --threshold` prints the paper's plan from a sensitivity table")
-    p.add_argument("--tokens", type=int, help="healing budget in tokens (default: budgets.healing_tokens on GPU, "
-                   "budgets.healing_tokens_cpu on CPU)")
+    p.add_argument("--tokens", type=int, help="healing budget in tokens (default: budgets.healing_tokens; "
+                   "on CPU the space's cpu: section sets a small one)")
     p.add_argument("--library", metavar="DIR", help="block library folder (default: in the cache)")
     p.add_argument("--corpus-tokens", type=int, help="heal on a separate teacher corpus of this many tokens "
                    "(default: data.healing_corpus_tokens on GPU; on CPU the corpus's train split)")
