@@ -25,7 +25,7 @@ import torch
 
 from lbsearch.attention import ORIGINAL
 from lbsearch.objective import score
-from lbsearch.plan import LayerSpec, Plan
+from lbsearch.plan import Plan
 from lbsearch.sensitivity import SensitivityTable, remove_only_plan, threshold_plan, uniform_plan
 from lbsearch.space import load_space
 from lbsearch.workspace import Workspace

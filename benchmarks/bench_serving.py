@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 from lbsearch import Plan, apply_plan
-from lbsearch.bench import (bandwidth_floor, bench_hf_generate, model_shape, random_model, render, sweep,
-                            write_results)
-from lbsearch.cost import calibrate, measure_machine, relative_error
+from lbsearch.bench import bandwidth_floor, bench_hf_generate, model_shape, render, sweep, write_results
+from lbsearch.cost import calibrate, relative_error
+from lbsearch.profile import measure_machine, random_model
 from lbsearch.engine import DecodeEngine
 
 ROOT = Path(__file__).resolve().parent

@@ -1,11 +1,14 @@
 """Serving benchmark: decode throughput of a model under plans against its base, at several concurrencies.
 
-For every concurrency (batch of sequences decoded together) and plan, the decode engine
-(:mod:`lbsearch.engine`) prefills random prompts and greedily decodes ``output_len`` tokens; we
-report decode tokens/s, time per output token, prefill latency and peak memory (warm-up first,
-CUDA events, medians of repeats), beside the cost model's prediction and memory-bound
-concurrency. Also here: HF ``generate()`` timing and the bandwidth floor (the upper bound on
-throughput if a step only moved bytes). Timers and micro-benchmarks are in :mod:`lbsearch.profile`.
+Two modes. ``static``: for every concurrency (batch of sequences decoded together) and plan, the
+decode engine (:mod:`lbsearch.engine`) prefills random prompts and greedily decodes ``output_len``
+tokens; we report decode tokens/s, time per output token, prefill latency and peak memory
+(warm-up first, CUDA events, medians of repeats), beside the cost model's prediction and
+memory-bound concurrency. ``requests``: a closed loop of that many slots, each refilled with a
+new request of drawn lengths when its sequence ends (:mod:`lbsearch.serving`); we report
+generated tokens/s and time to first token / per output token, p50 and p99. Also here: HF
+``generate()`` timing and the bandwidth floor (the upper bound on throughput if a step only moved
+bytes). Timers and micro-benchmarks are in :mod:`lbsearch.profile`.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from .engine import DecodeEngine
 from .io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from .plan import Plan
 from .profile import Timer
+from .serving import Request, draw_requests, engine_length, run_requests, summarize
 from .surgery import apply_plan
 
 def _peak_reset(device: torch.device) -> None:
@@ -63,6 +67,20 @@ def bench_plan(model, plan: Plan, batch: int, prompt_len: int, output_len: int, 
             "decode_tps": batch * steps / t_dec, "tpot_ms": 1000 * t_dec / steps,
             "prefill_s": statistics.median(prefill[1:]), "peak_mem_gb": _peak(device) / 2**30,
             "cache_gb": cache / 2**30, "decode_s_all": decode}
+
+
+def bench_requests(model, plan: Plan, slots: int, requests, prefill_rows: int = 32) -> dict:
+    """The closed-loop request benchmark of ``requests`` (:class:`lbsearch.serving.Request`) on
+    ``slots`` engine rows under ``plan``, after a warm-up of every slot's prefill and one refill."""
+    device = model.lm_head.weight.device
+    _peak_reset(device)
+    with apply_plan(model, plan):
+        engine = DecodeEngine(model, slots, engine_length(requests), prefill_rows=prefill_rows)
+        run_requests(engine, [Request(r.prompt, 2) for r in requests[: slots + 1]])  # compiles kernels
+        records, wall = run_requests(engine, requests)
+    del engine
+    return {"plan": str(plan), "mode": "requests", "batch": slots, **summarize(records, wall),
+            "peak_mem_gb": _peak(device) / 2**30}
 
 
 def bench_hf_generate(model, batch: int, prompt_len: int, output_len: int, cache: str = "static") -> dict:
@@ -111,12 +129,18 @@ COLUMNS = {"plan": "plan", "batch": "batch", "decode_tps": "tok/s", "speedup": "
            "max_concurrency": "max conc", "pred_ratio": "predicted", "ratio_err": "pred err"}
 
 
-def add_speedups(rows: list[dict]) -> list[dict]:
-    """speedup = decode tokens/s over the all-softmax engine row of the same batch."""
-    base = {r["batch"]: r["decode_tps"] for r in rows if r.get("is_base")}
+REQUEST_COLUMNS = {"plan": "plan", "batch": "slots", "requests": "requests", "throughput_tps": "tok/s",
+                   "speedup": "speedup", "ttft_p50_ms": "TTFT p50 ms", "ttft_p99_ms": "TTFT p99 ms",
+                   "tpot_p50_ms": "TPOT p50 ms", "tpot_p99_ms": "TPOT p99 ms", "req_per_s": "req/s",
+                   "peak_mem_gb": "peak GB"}
+
+
+def add_speedups(rows: list[dict], metric: str = "decode_tps") -> list[dict]:
+    """speedup = ``metric`` (tokens/s) over the all-softmax engine row of the same batch."""
+    base = {r["batch"]: r[metric] for r in rows if r.get("is_base")}
     for r in rows:
-        if r["batch"] in base:
-            r["speedup"] = r["decode_tps"] / base[r["batch"]]
+        if r["batch"] in base and metric in r:
+            r["speedup"] = r[metric] / base[r["batch"]]
     return rows
 
 
@@ -150,8 +174,8 @@ def to_csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
-def plot_png(rows: list[dict], title: str) -> bytes:
-    """Decode tokens/s against concurrency, one line per plan."""
+def plot_png(rows: list[dict], title: str, metric: str = "decode_tps", label: str = "decode tokens/s") -> bytes:
+    """``metric`` (tokens/s) against concurrency, one line per plan."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -159,10 +183,10 @@ def plot_png(rows: list[dict], title: str) -> bytes:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for plan in dict.fromkeys(r["plan"] for r in rows if "prompt_len" in r or r["plan"] == UPPER_BOUND):
-        pts = sorted((r["batch"], r["decode_tps"]) for r in rows if r["plan"] == plan)
+        pts = sorted((r["batch"], r[metric]) for r in rows if r["plan"] == plan and metric in r)
         label = plan if len(plan) <= 40 else plan[:37] + "..."
         ax.plot(*zip(*pts), marker="o", linestyle="--" if plan == UPPER_BOUND or plan.startswith("hf-") else "-", label=label)
-    ax.set(xlabel="concurrent sequences", ylabel="decode tokens/s", title=title)
+    ax.set(xlabel="concurrent sequences", ylabel=label, title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     buf = io.BytesIO()
@@ -172,11 +196,12 @@ def plot_png(rows: list[dict], title: str) -> bytes:
     return buf.getvalue()
 
 
-def write_results(out: Path, name: str, rows: list[dict], meta: dict) -> dict[str, Path]:
+def write_results(out: Path, name: str, rows: list[dict], meta: dict, metric: str = "decode_tps",
+                  label: str = "decode tokens/s") -> dict[str, Path]:
     out = Path(out)
     return {"json": atomic_write_json(out / f"{name}.json", {"meta": meta, "rows": rows}),
             "csv": atomic_write_text(out / f"{name}.csv", to_csv(rows)),
-            "png": atomic_write_bytes(out / f"{name}.png", plot_png(rows, meta.get("title", name)))}
+            "png": atomic_write_bytes(out / f"{name}.png", plot_png(rows, meta.get("title", name), metric, label))}
 
 
 # -- the sweep ---------------------------------------------------------------------------------
@@ -217,6 +242,29 @@ def sweep(model, plans: list[Plan], concurrency, prompt_len: int, output_len: in
     for r in rows:
         r["ratio_err"] = relative_error(r["pred_ratio"], r["speedup"])
     return rows, tables
+
+
+def sweep_requests(model, plans: list[Plan], concurrency, prompt_len: int, output_len: int, *,
+                   requests: int | None = None, distribution: str = "uniform", spread: float = 0.5, seed: int = 0,
+                   log=print) -> list[dict]:
+    """Request-mode rows for the base and every plan at every concurrency (slots). Each concurrency
+    serves ``requests`` requests (default 4 per slot), the same ones for every plan."""
+    shape = model_shape(model)
+    base = Plan.softmax(shape.layers)
+    plans = [base] + [p for p in plans if p != base]
+    for p in plans:
+        p.check(shape.layers)
+    rows = []
+    for slots in concurrency:
+        reqs = draw_requests(requests or 4 * slots, prompt_len, output_len, model.config.vocab_size,
+                             distribution, spread, seed)
+        for plan in plans:
+            row = {**bench_requests(model, plan, slots, reqs), "prompt_len": prompt_len, "output_len": output_len,
+                   "distribution": distribution, "spread": spread, "is_base": plan == base}
+            rows.append(row)
+            log(f"  slots {slots:4d}  {row['throughput_tps']:12,.0f} tok/s  TTFT p50 {row['ttft_p50_ms']:.1f} ms  "
+                f"TPOT p50 {row['tpot_p50_ms']:.2f} ms  {plan}")
+    return add_speedups(rows, "throughput_tps")
 
 
 def calibrate_from_rows(tables: dict, rows: list[dict], notes: dict | None = None, out=None) -> dict:

@@ -38,8 +38,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lbsearch: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("lbsearch: interrupted", file=sys.stderr)
+        print("lbsearch: interrupted; finished steps are kept, run the same command again to continue", file=sys.stderr)
         return 130
+    except OSError as exc:  # disk full, permissions, vanished files: where and why, not a traceback
+        name = str(exc.filename or "")
+        where = f"{name if len(name) <= 200 else name[:200] + '...'}: " if name else ""
+        print(f"lbsearch: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -76,34 +76,92 @@ def sample_teacher_texts(model, tokenizer, n_tokens: int, seed: int = 0, max_new
 
     Only the answer is kept: the chat boilerplate and the prompt would repeat across documents
     (and across splits); the prompt index lets splits keep all answers to one prompt together.
+    When every layer has its original attention (the teacher), the decode engine samples them
+    (prompts of different lengths in one batch, ``SAMPLING``, each answer ending at its EOS), in
+    :func:`generation_dtype` (a float32 teacher on CUDA: from a bfloat16 copy, made for this call
+    and freed after; the teacher itself is not touched); otherwise HF ``generate()`` does, with the
+    same settings, on the model as it is.
     """
     texts, groups, total, step = [], [], 0, 0
-    device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos = model.generation_config.eos_token_id
+    eos = ([eos] if isinstance(eos, int) else list(eos)) if eos is not None else [tokenizer.eos_token_id]
+    chats = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+             for p in SEED_PROMPTS]
+    prompts = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in chats]
+    if _is_teacher(model):
+        sample = _engine_sampler(model, batch_size, max(map(len, prompts)) + max_new_tokens, max_new_tokens, pad, eos,
+                                 dtype=generation_dtype(model))
+    else:
+        sample = _hf_sampler(model, max_new_tokens, pad, eos)
     bar = tqdm(total=n_tokens, desc="teacher corpus", unit="tok", disable=not progress)
     while total < n_tokens:
         index = [(step * batch_size + i) % len(SEED_PROMPTS) for i in range(batch_size)]
-        chats = [tokenizer.apply_chat_template([{"role": "user", "content": SEED_PROMPTS[i]}], tokenize=False,
-                                               add_generation_prompt=True) for i in index]
-        ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in chats]
-        width = max(map(len, ids))
-        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)
-        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
-        torch.manual_seed(seed * 100003 + step)
-        out = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=True, max_new_tokens=max_new_tokens,
-                             pad_token_id=pad, **SAMPLING)
-        for row, prompt in zip(out.tolist(), index):
-            new = row[width:]
-            keep = [t for t in new if t != pad] if pad != tokenizer.eos_token_id else new[: _until_eos(new, pad)]
-            text = tokenizer.decode(keep, skip_special_tokens=True).strip()
+        for new, prompt in zip(sample([prompts[i] for i in index], seed * 100003 + step), index):
+            text = tokenizer.decode(new, skip_special_tokens=True).strip()
             if text:
                 texts.append(text)
                 groups.append(prompt)
-                total += len(keep)
+                total += len(new)
         bar.update(min(total, n_tokens) - bar.n)
         step += 1
     bar.close()
+    del sample  # the engine, its caches and graphs (and a bf16 copy of the teacher) go now
     return texts, groups
+
+
+def _is_teacher(model) -> bool:
+    from .attention import ORIGINAL, kind_of_module
+    from .models import decoder_layers
+
+    return all(kind_of_module(layer.self_attn).name == ORIGINAL for layer in decoder_layers(model))
+
+
+def generation_dtype(model) -> torch.dtype:
+    """The dtype the decode engine samples the teacher corpus in: bfloat16 for a float32 model on CUDA
+    (the float32 step spends most of its time in float32 GEMMs and attention), else the model's own."""
+    weight = next(model.parameters())
+    return torch.bfloat16 if weight.is_cuda and weight.dtype == torch.float32 else weight.dtype
+
+
+def _cast_copy(model, dtype: torch.dtype):
+    """A copy of ``model`` with its floating-point parameters in ``dtype`` (tied ones stay tied) and its
+    buffers as they are (RoPE's inverse frequencies stay float32, as when a model is loaded in ``dtype``).
+    ``model`` is not touched: only the copy's parameters are new tensors."""
+    import copy
+
+    memo = {id(p): torch.nn.Parameter(p.detach().to(dtype), requires_grad=False)
+            for p in model.parameters() if p.is_floating_point()}
+    return copy.deepcopy(model, memo)
+
+
+def _engine_sampler(model, batch_size: int, max_len: int, max_new_tokens: int, pad: int, eos: list[int],
+                    dtype: torch.dtype | None = None):
+    """(prompts, seed) -> answers (token lists ending at EOS), sampled by the decode engine; with a ``dtype``
+    other than the model's, from a copy of the model in that dtype (kept as long as the sampler is)."""
+    from .engine import DecodeEngine  # the engine builds on kinds and models only: no import cycle
+
+    if dtype is not None and dtype != next(model.parameters()).dtype:
+        model = _cast_copy(model, dtype)
+    engine = DecodeEngine(model, batch_size, max_len)
+    return lambda prompts, seed: engine.generate(prompts, max_new_tokens, seed=seed, eos_token_id=eos,
+                                                 pad_token_id=pad, **SAMPLING)
+
+
+def _hf_sampler(model, max_new_tokens: int, pad: int, eos: list[int]):
+    """(prompts, seed) -> answers (token lists ending at EOS), sampled by HF generate() on a left-padded batch."""
+    device = next(model.parameters()).device
+
+    def sample(prompts, seed):
+        width = max(map(len, prompts))
+        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in prompts], device=device)
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in prompts], device=device)
+        torch.manual_seed(seed)
+        out = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=True, max_new_tokens=max_new_tokens,
+                             pad_token_id=pad, **SAMPLING)
+        return [row[: _until_eos(row, eos)] for row in out[:, width:].tolist()]
+
+    return sample
 
 
 def teacher_corpus(model, tokenizer, n_tokens: int, seed: int = 0, max_new_tokens: int = 256,
@@ -111,12 +169,17 @@ def teacher_corpus(model, tokenizer, n_tokens: int, seed: int = 0, max_new_token
     """:func:`sample_teacher_texts` as a ``datasets`` Dataset (columns ``text``, ``group``), cached.
 
     Keyed by everything that shapes the samples (``model_key``, seed, size, length, batch size,
-    prompts, sampling settings), so any change regenerates it; a damaged entry is regenerated.
+    prompts, sampling settings, the sampler: engine or HF, and the dtype it computes in), so any
+    change regenerates it; a damaged entry is regenerated.
     """
     from datasets import Dataset, load_from_disk
 
     batch_size = min(batch_size, max(16, n_tokens // (max_new_tokens // 2)))  # no batch far larger than needed
-    key = stable_hash("answers-v2", model_key, seed, n_tokens, max_new_tokens, batch_size, SEED_PROMPTS, SAMPLING)
+    teacher = _is_teacher(model)
+    sampler = "engine-v2" if teacher else "hf-generate"  # the same settings draw other samples (v2: top-p ties)
+    dtype = generation_dtype(model) if teacher else next(model.parameters()).dtype
+    key = stable_hash("answers-v2", sampler, model_key, seed, n_tokens, max_new_tokens, batch_size, SEED_PROMPTS,
+                      SAMPLING, str(dtype).removeprefix("torch."))
     path = cache_dir("corpora") / f"teacher-{key}"
     if (path / "dataset_info.json").is_file():
         try:
@@ -132,8 +195,9 @@ def teacher_corpus(model, tokenizer, n_tokens: int, seed: int = 0, max_new_token
     return ds
 
 
-def _until_eos(tokens: list[int], eos: int) -> int:
-    return tokens.index(eos) + 1 if eos in tokens else len(tokens)
+def _until_eos(tokens: list[int], eos: list[int]) -> int:
+    """Length of ``tokens`` up to and including the first of the ``eos`` ids."""
+    return next((i + 1 for i, t in enumerate(tokens) if t in eos), len(tokens))
 
 
 _LOCAL_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}

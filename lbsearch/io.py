@@ -57,6 +57,28 @@ def atomic_write_json(path: str | Path, obj) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=False) + "\n")
 
 
+def writable_dir(path: str | Path, flag: str = "--out") -> Path:
+    """``path`` as a folder this process can write in (created); otherwise one-line LBSearchError."""
+    from .errors import LBSearchError
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise LBSearchError(f"{flag} {path}: exists and is not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".lbsearch-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise LBSearchError(f"{flag} {path}: cannot write there ({exc.strerror})") from None
+    return path
+
+
+def read_json(path: str | Path):
+    """A JSON file lbsearch wrote (atomic writes: complete or absent)."""
+    return json.loads(Path(path).read_text())
+
+
 def save_tensors(path: str | Path, tensors: dict, metadata: dict | None = None) -> Path:
     """safetensors file, written atomically."""
     from safetensors.torch import save
@@ -69,3 +91,52 @@ def stable_hash(*parts) -> str:
     """12 hex digits of sha256 over the JSON of ``parts``."""
     text = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+MAX_YAML_BYTES = 1 << 20
+MAX_YAML_NODES = 100_000
+
+
+def load_yaml(path: str | Path, what: str):
+    """A small YAML/JSON file as Python data, or one LBSearchError line: missing, a folder,
+    unreadable, too large, not text, not YAML, empty, or an alias bomb (node count capped)."""
+    import yaml
+
+    from .errors import LBSearchError
+
+    path = Path(path)
+    if path.is_dir():
+        raise LBSearchError(f"{path}: is a folder, expected a {what} file")
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise LBSearchError(f"{path}: {what} file not found") from None
+    except OSError as exc:
+        raise LBSearchError(f"{path}: cannot read the {what} file ({exc.strerror})") from None
+    if len(raw) > MAX_YAML_BYTES:
+        raise LBSearchError(f"{path}: {len(raw):,} bytes is too large for a {what} file (at most {MAX_YAML_BYTES:,})")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise LBSearchError(f"{path}: not a text file (a {what} is YAML or JSON)") from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        raise LBSearchError(f"{path}: not valid YAML ({str(exc).splitlines()[0][:160]})") from None
+    if node is None:
+        raise LBSearchError(f"{path}: empty; expected a {what} (a mapping)")
+    if _expanded_nodes(node) > MAX_YAML_NODES:
+        raise LBSearchError(f"{path}: more than {MAX_YAML_NODES:,} values once aliases are expanded (an alias bomb?)")
+    return yaml.safe_load(text)
+
+
+def _expanded_nodes(node, limit: int = MAX_YAML_NODES) -> int:
+    """Nodes of a composed YAML graph counted with aliases expanded, stopping past ``limit``."""
+    count, stack = 0, [node]
+    while stack and count <= limit:
+        n = stack.pop()
+        count += 1
+        if isinstance(n.value, list):
+            for item in n.value:
+                stack.extend(item if isinstance(item, tuple) else (item,))
+    return count

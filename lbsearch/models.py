@@ -6,6 +6,8 @@ to the cache folder and later loads read that.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib.util
 import json
 import os
@@ -39,8 +41,7 @@ class PackagedGGUF:
         return path
 
     def fingerprint(self) -> str:
-        path = self.locate()
-        return stable_hash(self.package, self.filename, path.stat().st_size)
+        return file_digest(self.locate())
 
 
 REGISTRY: dict[str, PackagedGGUF] = {
@@ -60,9 +61,15 @@ def model_num_layers(ref: str) -> int | None:
         return REGISTRY[ref].num_layers
     config = Path(ref) / "config.json"
     if config.is_file():
-        data = json.loads(config.read_text())
-        data = data.get("text_config", data)
-        return data.get("num_hidden_layers")
+        try:
+            data = json.loads(config.read_text())
+            data = data.get("text_config", data)
+            layers = data.get("num_hidden_layers")
+        except (ValueError, AttributeError, UnicodeDecodeError, OSError):
+            raise LBSearchError(f"{config}: not a readable model config (JSON with num_hidden_layers)") from None
+        if not isinstance(layers, int) or layers < 1:
+            raise LBSearchError(f"{config}: num_hidden_layers must be a positive integer, got {layers!r}")
+        return layers
     return None
 
 
@@ -79,8 +86,12 @@ def _cached_copy(gguf: Path, key: str) -> Path:
         return folder
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as exc:  # noqa: BLE001 - truncated, garbage or unsupported GGUF: one line, not a traceback
+        raise LBSearchError(f"{gguf}: cannot read this GGUF model ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0][:160] if str(exc) else 'no detail'})") from None
     config = model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -94,25 +105,58 @@ def _cached_copy(gguf: Path, key: str) -> Path:
     return folder
 
 
+@functools.lru_cache(maxsize=64)
+def _digest(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()[:12]
+
+
+def file_digest(path: Path) -> str:
+    """12 hex digits of the file's sha256 (once per process for an unchanged file)."""
+    st = path.stat()
+    return _digest(str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+def _hub_revision(ref: str) -> str:
+    """The commit of a hub model's local snapshot when one is cached, else "main"."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(ref, local_files_only=True)).name
+    except Exception:  # noqa: BLE001 - not cached, or no huggingface_hub: fetch the current revision
+        return "main"
+
+
 def resolve_model(ref: str) -> tuple[str | Path, str]:
-    """Where to load ``ref`` from, and a key that identifies its weights for caches."""
+    """Where to load ``ref`` from, and a key that identifies its weights for caches: GGUF files by
+    their content, local folders by their files, hub models by their revision."""
     if ref in REGISTRY:
         key = f"{ref}-{REGISTRY[ref].fingerprint()}"
         return _cached_copy(REGISTRY[ref].locate(), key), key
     path = Path(ref)
-    if path.suffix == ".gguf" and path.is_file():
-        key = f"{path.stem}-{stable_hash(path.name, path.stat().st_size)}"
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise LBSearchError(f"{path}: GGUF file not found")
+        key = f"{path.stem}-{file_digest(path)}"
         return _cached_copy(path, key), key
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise LBSearchError(f"{path}: not a model directory (no config.json)")
-        weights = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin"))
-        sig = [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in weights]
-        return path, f"{path.name}-{stable_hash(str(path.resolve()), sig)}"
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or "/" not in ref:
+        weights = sorted(path.glob("*.safetensors"))
+        if not weights:
+            raise LBSearchError(f"{path}: no *.safetensors weights (lbsearch loads no pickled .bin files)")
+        sig = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in weights]
+        return path, f"{path.name}-{stable_hash(str(path.resolve()), sig, file_digest(path / 'config.json'))}"
+    if path.exists():
+        raise LBSearchError(f"{path}: not a model (a .gguf file or a folder with config.json)")
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or ref.count("/") != 1:
         raise LBSearchError(f"model {ref!r}: not a registry alias ({', '.join(REGISTRY)}), "
-                            "not a local directory, and not a hub id (owner/name) that can be fetched")
-    return ref, f"{ref.replace('/', '--')}"
+                            "not a local directory or .gguf file, and not a hub id (owner/name) that can be fetched")
+    revision = _hub_revision(ref)
+    return ref, f"{ref.replace('/', '--')}-{revision[:12]}"
 
 
 def load_teacher(ref: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32, device: str | None = None,
@@ -122,9 +166,12 @@ def load_teacher(ref: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32
 
     source, _ = resolve_model(ref)
     config = load_config(ref, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype,
-                                                 trust_remote_code=trust_remote_code,
-                                                 attn_implementation="sdpa")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype, use_safetensors=True,
+                                                     trust_remote_code=trust_remote_code, attn_implementation="sdpa")
+    except Exception as exc:  # noqa: BLE001 - missing, truncated or mismatched weights: one line
+        raise LBSearchError(f"model {ref!r}: cannot load its weights ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0][:200] if str(exc) else 'no detail'})") from None
     model.eval().requires_grad_(False)
     if device:
         model.to(device)

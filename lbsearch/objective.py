@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 from .attention import KINDS
 from .cost import DEVICES, kv_bytes_per_seq, max_concurrency, predict
@@ -88,9 +89,12 @@ def _local_memory(device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def score(workspace, plan: Plan, fidelity: str = "assembled", tokens: int | None = None) -> TrialResult:
+def score(workspace, plan: Plan, fidelity: str = "assembled", tokens: int | None = None,
+          keep: str | Path | None = None) -> TrialResult:
     """Quality (against the teacher) and predicted serving cost of ``plan`` at ``fidelity``;
-    ``tokens`` overrides the fidelity's healing budget (fidelity studies)."""
+    ``tokens`` overrides the fidelity's healing budget (fidelity studies). With ``keep`` a healed
+    plan checkpoints to ``keep/checkpoints`` (a re-run resumes there) and is saved to
+    ``keep/healed`` (:func:`lbsearch.export.save_healed`), so it can be exported later."""
     if fidelity not in FIDELITIES:
         raise LBSearchError(f"fidelity {fidelity!r}; allowed: {', '.join(FIDELITIES)}")
     start = time.perf_counter()
@@ -98,10 +102,16 @@ def score(workspace, plan: Plan, fidelity: str = "assembled", tokens: int | None
     if fidelity != "assembled":
         d = workspace.defaults
         heal = workspace.heal_config(tokens or (d.trial_healing_tokens if fidelity == "brief" else d.healing_tokens))
-    session = workspace.student(plan, heal)
-    with session:
+    keep = Path(keep) if keep is not None and heal is not None else None
+    session = workspace.student(plan, heal, checkpoints=keep)
+    with session as model:
         quality = workspace.evaluate() if heal else workspace.evaluate_assembled(plan)
-    tokens = session.heal_state.tokens if session.heal_state is not None else 0
+        tokens = session.heal_state.tokens if session.heal_state is not None else 0
+        if keep:
+            from .distill.healed import save_healed
+
+            save_healed(model, plan, heal, keep / "healed", {"tokens": tokens, "fidelity": fidelity,
+                                                              "quality": {k: q.to_dict() for k, q in quality.items()}})
     main = quality.pop("heldout")
     return TrialResult(
         plan=str(plan), key=plan.key, fidelity=fidelity, kl=main.kl, perplexity=main.perplexity,

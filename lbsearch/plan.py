@@ -90,7 +90,7 @@ class Plan:
         while pos < len(compact):
             match = _TOKEN.match(compact, pos)
             if not match or match.group(1) not in BY_LETTER:
-                raise LBSearchError(f"plan {_short(text)}: cannot read {_short(compact[pos:])} at layer {len(specs)}; "
+                raise LBSearchError(f"plan {_short(text)}: cannot read {_short(compact[pos:], 12)} at layer {len(specs)}; "
                                     f"use per layer {_grammar()}")
             specs.append(_spec_from_token(match, defaults, text, len(specs)))
             pos = match.end()
@@ -152,13 +152,10 @@ class Plan:
     @classmethod
     def load(cls, path: str | Path, defaults: LSWADefaults = DEFAULTS) -> "Plan":
         """Read a plan file (.json or .yaml/.yml)."""
+        from .io import load_yaml
+
         path = Path(path)
-        if not path.is_file():
-            raise LBSearchError(f"{path}: plan file not found")
-        try:
-            data = yaml.safe_load(path.read_text())  # JSON is YAML
-        except yaml.YAMLError as exc:
-            raise LBSearchError(f"{path}: not valid YAML/JSON ({str(exc).splitlines()[0]})") from None
+        data = load_yaml(path, "plan")  # JSON is YAML
         if not isinstance(data, dict):
             raise LBSearchError(f"{path}: expected a mapping with 'plan' or 'layers'")
         return cls.from_dict(data, defaults, source=str(path))
@@ -172,7 +169,8 @@ class Plan:
 
     def check(self, n_layers: int, source: str = "plan") -> "Plan":
         if len(self) != n_layers:
-            raise LBSearchError(f"{source}: {len(self)} layers in plan {str(self)!r}, the model has {n_layers}")
+            raise LBSearchError(f"{_short(source, 40)[1:-1]}: {len(self)} layers in plan {_short(str(self))}, "
+                                f"the model has {n_layers}")
         return self
 
 
@@ -204,6 +202,14 @@ def _spec_from_token(match: re.Match, defaults: LSWADefaults, text: str, layer: 
 
 def resolve_plan(text_or_path: str, defaults: LSWADefaults = DEFAULTS) -> Plan:
     """A plan from a string, or from a file when the argument names one."""
-    if Path(text_or_path).suffix in (".json", ".yaml", ".yml") or Path(text_or_path).is_file():
+    path = Path(text_or_path)
+    if path.suffix in (".json", ".yaml", ".yml") or (len(text_or_path) < 1024 and _is_file(path)):
         return Plan.load(text_or_path, defaults)
     return Plan.parse(text_or_path, defaults)
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # e.g. a name too long for the file system: not a file
+        return False

@@ -20,6 +20,8 @@ from .io import atomic_write_json, cache_dir, stable_hash
 from .plan import LayerSpec, Plan
 from .surgery import apply_plan
 
+COST_MODEL_VERSION = 2  # part of every cached table's key: bump when the engine or the measurement changes
+
 # Built-in model shapes for --shape (random weights: shapes decide speed).
 SHAPES: dict[str, dict] = {
     "llama-3.2-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
@@ -160,7 +162,8 @@ def table_for(shape: ModelShape, batch: int, context: int, specs, device: str = 
     measure = device.startswith("cuda") if measure is None else measure
     machine = measure_machine(device)
     keys = sorted(spec_key(s) for s in specs)
-    path = cache_dir("cost") / f"{stable_hash(machine.name, asdict(shape), batch, context, keys, measure)}.json"
+    key = stable_hash(machine.name, asdict(shape), batch, context, keys, measure, COST_MODEL_VERSION)
+    path = cache_dir("cost") / f"{key}.json"
     if path.is_file() and not refresh:
         try:
             table = CostTable.from_dict(json.loads(path.read_text()))

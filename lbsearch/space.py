@@ -15,6 +15,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, NonNegativeI
 
 from .attention import KINDS
 from .errors import LBSearchError
+from .io import load_yaml
 from .plan import LayerSpec, LSWADefaults, Plan
 from .recipe import HealConfig, TransferConfig
 
@@ -309,16 +310,10 @@ def load_space(path: str | Path | None = None, n_layers: int | None = None) -> S
     read without loading weights.
     """
     if path is None:
-        text, source = resources.files("lbsearch.search_spaces").joinpath("smollm2-135m.yaml").read_text(), "smollm2-135m.yaml"
+        text = resources.files("lbsearch.search_spaces").joinpath("smollm2-135m.yaml").read_text()
+        data, source = yaml.safe_load(text), "smollm2-135m.yaml"
     else:
-        path = Path(path)
-        if not path.is_file():
-            raise LBSearchError(f"{path}: search space file not found")
-        text, source = path.read_text(), str(path)
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise LBSearchError(f"{source}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        data, source = load_yaml(path, "search space"), str(path)
     space = parse_space(data, source)
     if n_layers is None:
         from .models import model_num_layers

@@ -2,11 +2,16 @@
 from __future__ import annotations
 
 import os
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
 
-os.environ.setdefault("LBSEARCH_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "lbsearch"))
+# Tests never touch the user's ~/.cache/lbsearch: they share one cache under the temp folder
+# (the default teacher is converted and its corpus sampled once per machine, not once per test).
+os.environ["LBSEARCH_CACHE"] = os.environ.get("LBSEARCH_TEST_CACHE") or os.path.join(tempfile.gettempdir(),
+                                                                                      "lbsearch-test-cache")
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 

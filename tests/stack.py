@@ -7,6 +7,7 @@
         MlflowClient(stack.mlflow_uri)
         subprocess.run(["ray", "job", "submit", "--address", stack.ray_dashboard_url, ...], env=stack.env)
         stack.restart_postgres(); stack.stop_mlflow(); stack.start_mlflow(); stack.kill_ray_node_raylet()
+        stack.start_ray_node(); stack.processes_with_args("--out", "/some/run")   # e.g. a Ray job's driver
 
 The commands, environments and healthchecks are read from docker-compose.yml and interpolated the
 way docker-compose does; only what differs outside containers is replaced: container hosts
@@ -304,7 +305,15 @@ class Stack:
     # ---- fault injection, for tests
     def restart_postgres(self) -> None:
         """Fast-stop and restart the PostgreSQL server (same port and data); clients' connections break."""
+        self.stop_postgres()
+        self.start_postgres()
+
+    def stop_postgres(self) -> None:
+        """Fast-stop the PostgreSQL server: clients' connections break, new ones are refused."""
         self._pg_ctl("stop", "-m", "fast", timeout=30)
+
+    def start_postgres(self) -> None:
+        """Start the stopped PostgreSQL server again (same port and data)."""
         self._start_postgres(init=False)
 
     def stop_mlflow(self) -> None:
@@ -338,6 +347,29 @@ class Stack:
                 child.send_signal(signal.SIGKILL)
                 return child.pid
         raise StackError("the second Ray node has no raylet")
+
+    def start_ray_node(self, timeout: float = 60.0) -> None:
+        """Start the second Ray node again (after kill_ray_node_raylet) and wait until it is healthy."""
+        old = self.procs.get("ray_node")
+        if old is not None:
+            old.wait(timeout=timeout)  # `ray start --block` takes the lost node's processes down first
+        self.ports["ray_node_agent"] = free_port()
+        self._start_ray_node()
+        self._wait_healthy("ray-worker", "ray_node", {52365: self.ports["ray_node_agent"]})
+        self._remember()
+
+    def processes_with_args(self, *args: str) -> list[int]:
+        """PIDs of this stack's processes (a Ray job's driver included) whose command line holds
+        ``args`` as consecutive arguments."""
+        import psutil
+
+        found = []
+        for pid in self._marked():
+            with contextlib.suppress(psutil.Error):
+                cmd = psutil.Process(pid).cmdline()
+                if any(cmd[i:i + len(args)] == list(args) for i in range(len(cmd))):
+                    found.append(pid)
+        return found
 
     # ---- services
     def _localize(self, arg: str) -> str:

@@ -62,3 +62,20 @@ def test_repeat_decode_from_snapshot_and_cache_bytes():
     ring = 2 * 2 * (2 * 2 * 16 + 2 * 8 * 16 + 8 * 16) * 4  # sinks k/v, ring k/v, ring fk
     lin = 2 * 2 * (16 * 16 + 16) * 4 + 2 * 8  # lin_s, lin_z (fp32), pos
     assert sizes["lswa"] == ring + lin
+
+
+def test_fake_fill_and_step_seconds():
+    """The profile's timers drive the engine at a pretended context (what the cost tables measure)."""
+    from lbsearch.profile import fake_fill, step_seconds
+
+    model = tiny_model("llama", layers=4)
+    plan = Plan.parse("SL8s2f16NN")
+    with apply_plan(model, plan):
+        eng = DecodeEngine(model, 2, 40)
+        fake_fill(eng, 30)
+        eng.decode(6)
+        assert eng.pos.tolist() == [36, 36] and eng.prompt_len == 36
+        assert [r for r in eng.runners if hasattr(r, "st")][0].st.pos.tolist() == [36, 36]
+        with pytest.raises(ValueError, match="exceed max_len"):
+            eng.decode(5)
+    assert 0 < step_seconds(model, plan, 2, 30, steps=4, repeats=1) < 5

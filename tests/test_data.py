@@ -28,6 +28,29 @@ def test_teacher_corpus_depends_on_seed(tokenizer, cache_home):
     assert a["text"] != b["text"]
 
 
+def test_teacher_corpus_is_keyed_by_its_generation_dtype(tokenizer, cache_home, monkeypatch):
+    """A float32 teacher on CUDA samples from a bf16 copy: another corpus, under another key; the teacher stays."""
+    from lbsearch import data
+
+    model = tiny_model("llama", vocab=49152)
+    assert data.generation_dtype(model) == torch.float32  # CPU: the model as it is
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    a = teacher_corpus(model, tokenizer, n_tokens=100, seed=1, max_new_tokens=12, batch_size=2)
+    copies = []
+    cast = data._cast_copy
+    monkeypatch.setattr(data, "_cast_copy", lambda m, dtype: copies.append(cast(m, dtype)) or copies[-1])
+    monkeypatch.setattr(data, "generation_dtype", lambda m: torch.bfloat16)  # as for a float32 teacher on CUDA
+    b = teacher_corpus(model, tokenizer, n_tokens=100, seed=1, max_new_tokens=12, batch_size=2)
+    assert len(list(cache_home.glob("corpora/teacher-*"))) == 2 and len(a) > 0 and len(b) > 0
+    assert len(copies) == 1 and next(copies[0].parameters()).dtype == torch.bfloat16  # sampled from the copy
+    assert teacher_corpus(model, tokenizer, n_tokens=100, seed=1, max_new_tokens=12, batch_size=2)["text"] == b["text"]
+    assert len(copies) == 1  # cached: no copy, no sampling
+    assert all(v.dtype == torch.float32 and torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    copy = data._cast_copy(model, torch.bfloat16)
+    assert copy.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert copy.model.rotary_emb.inv_freq.dtype == torch.float32  # buffers as loaded in bf16
+
+
 @pytest.fixture()
 def corpus_files(tmp_path):
     docs = [f"Document number {i}. " + "Some words follow here. " * (i % 5 + 1) for i in range(40)]

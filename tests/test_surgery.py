@@ -2,7 +2,7 @@ import pytest
 import torch
 from conftest import FAMILIES, tiny_model
 
-from lbsearch import LayerSpec, Plan, apply_plan, plan_cache
+from lbsearch import Plan, apply_plan, plan_cache
 from lbsearch.attention.lswa import LSWAttention
 from lbsearch.models import decoder_layers
 

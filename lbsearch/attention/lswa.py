@@ -143,12 +143,14 @@ class LSWARunner:
         q, k, v = project_qkv(self.mod.base, x, cos_sin)
         return (q, k, v, *self.mod.kernel_inputs(q, k))
 
-    def prefill(self, x, rows: slice, cos_sin):
+    def prefill(self, x, rows, cos_sin, start=None):
+        """State rows ``rows`` from x [n, T, C]; ``start`` [n]: left pads per row (neither keys nor
+        sinks; the state is each row's alone, in real-token space)."""
         q, k, v, fq, fk, gate, scale = self._inputs(x, cos_sin)
         out, st = ops.lswa(q, k, v, fq, fk, gate, window=self.mod.window, sinks=self.mod.sinks,
-                           scale=scale, backend=self.mod.backend, return_state=True)
+                           scale=scale, backend=self.mod.backend, return_state=True, start=start)
         for name, buf in vars(self.st).items():
-            buf[rows].copy_(getattr(st, name))
+            buf[rows] = getattr(st, name).to(buf.dtype)
         return self.mod.base.o_proj(out.to(x.dtype).flatten(2))
 
     def decode(self, x, pos, cos_sin):

@@ -25,14 +25,18 @@ class SoftmaxRunner:
         self.k = torch.zeros(shape, dtype=like.dtype, device=like.device)
         self.v = torch.zeros_like(self.k)
 
-    def prefill(self, x, rows: slice, cos_sin):
-        q, k, v = project_qkv(self.attn, x, cos_sin)
+    def prefill(self, x, rows, cos_sin, start=None):
+        """Rows ``rows`` of the cache from x [n, T, C]; ``start`` [n]: left pads per row (masked out
+        as keys, and the cache keeps only real tokens, from row 0: each row in its own token space)."""
+        q, k, v = (y.transpose(1, 2) for y in project_qkv(self.attn, x, cos_sin))
         t = x.shape[1]
-        k, v = k.transpose(1, 2), v.transpose(1, 2)
+        mask = None if start is None else padding_mask(start, t)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                             scale=scale_of(self.attn), enable_gqa=True)
+        if start is not None:
+            k, v = shift_left(k, start), shift_left(v, start)
         self.k[rows, :, :t] = k
         self.v[rows, :, :t] = v
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, is_causal=True,
-                                             scale=scale_of(self.attn), enable_gqa=True)
         return self.attn.o_proj(out.transpose(1, 2).flatten(2))
 
     def decode(self, x, pos, cos_sin):
@@ -48,6 +52,22 @@ class SoftmaxRunner:
 
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
+
+
+def padding_mask(start: torch.Tensor, t: int) -> torch.Tensor:
+    """Boolean [n, 1, t, t]: causal attention to real keys only. A pad query sees itself alone, so no
+    row is empty (its output is never used, but NaN would reach the next layer's pads)."""
+    i = torch.arange(t, device=start.device)[:, None]
+    j = torch.arange(t, device=start.device)[None]
+    return (((j <= i) & (j >= start.view(-1, 1, 1))) | (i == j))[:, None]
+
+
+def shift_left(x: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    """x [n, H, t, D] with row b moved left by start[b] (its real tokens from index 0; the tail repeats
+    the last token and is overwritten by decoding before it is read)."""
+    t = x.shape[2]
+    idx = (torch.arange(t, device=x.device)[None] + start[:, None]).clamp_max(t - 1)
+    return x.gather(2, idx[:, None, :, None].expand_as(x))
 
 
 def kv_bytes(shape, spec, context: int) -> int:

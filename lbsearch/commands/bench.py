@@ -1,4 +1,5 @@
-"""``lbsearch bench``: decode throughput of plans against the base model, measured with the engine."""
+"""``lbsearch bench``: decode throughput of plans against the base model, measured with the engine:
+a static batch (``--mode static``) or a closed loop of requests refilling their slots (``--mode requests``)."""
 from __future__ import annotations
 
 import argparse
@@ -28,6 +29,17 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="extra layer specs the cost tables must cover, e.g. L64 L128 L256")
     p.add_argument("--random-weights", action="store_true", help="benchmark the model's shape with random weights")
     p.add_argument("--shape", metavar="NAME", help="a built-in shape with random weights: llama-3.2-1b, smollm2-135m")
+    p.add_argument("--mode", choices=("static", "requests"), default="static",
+                   help="static: one batch decoded together (default); requests: a closed loop of --concurrency "
+                   "slots, each refilled with a new request when its sequence ends (TTFT, TPOT p50/p99)")
+    p.add_argument("--requests", type=int, metavar="N", help="requests served per concurrency in --mode requests "
+                   "(default: 4 per slot)")
+    p.add_argument("--lengths", choices=("fixed", "uniform", "lognormal"), default="uniform",
+                   help="--mode requests: distribution of prompt and output lengths around --prompt-len and "
+                   "--output-len (default uniform)")
+    p.add_argument("--spread", type=float, default=0.5, help="--mode requests: half-width of uniform lengths as a "
+                   "fraction of the mean, or sigma of lognormal ones (default 0.5)")
+    p.add_argument("--seed", type=int, default=0, help="--mode requests: seed of the drawn requests (default 0)")
 
 
 def _model(args, device: str):
@@ -50,26 +62,47 @@ def _model(args, device: str):
     return model_name(args), model
 
 
-def run(args) -> None:
-    import lbsearch
+def _check(args, conc, prompt, output) -> None:
+    if min(conc) < 1 or prompt < 1 or output < 2 or args.repeats < 1:
+        raise LBSearchError("--concurrency, --prompt-len and --repeats must be >= 1 and --output-len >= 2")
+    if args.mode == "requests":
+        if args.calibrate:
+            raise LBSearchError("--calibrate fits static-batch step times: use it with --mode static")
+        if (args.requests is not None and args.requests < 1) or args.spread < 0:
+            raise LBSearchError("--requests must be >= 1 and --spread >= 0")
 
-    from ..bench import bandwidth_floor, calibrate_from_rows, model_shape, render, sweep, write_results
+
+def run(args) -> None:
+    from ..bench import model_shape
     from ..plan import Plan, resolve_plan
-    from ..profile import measure_machine
     from ..workspace import pick_device
 
     device = str(pick_device(args.device))
     conc, prompt, output = GPU_DEFAULTS if device.startswith("cuda") else CPU_DEFAULTS
     conc, prompt, output = args.concurrency or conc, args.prompt_len or prompt, args.output_len or output
-    if min(conc) < 1 or prompt < 1 or output < 2 or args.repeats < 1:
-        raise LBSearchError("--concurrency, --prompt-len and --repeats must be >= 1 and --output-len >= 2")
+    _check(args, conc, prompt, output)
     extra = [resolve_plan(t)[0] for t in args.cost_specs]
     out = out_dir(args, Path("runs") / (args.shape or model_name(args)) / "bench")
     name, model = _model(args, device)
     shape = model_shape(model)
     plans = [resolve_plan(p).check(shape.layers, p) for p in args.plans or []]
+    meta = {"model": name, "mode": args.mode, "prompt_len": prompt, "output_len": output,
+            "title": f"{name}: prompt {prompt}, output {output}"}
+    if args.mode == "requests":
+        _run_requests(args, model, plans, conc, prompt, output, out, meta)
+    else:
+        _run_static(args, model, plans + [Plan.uniform(shape.layers, s) for s in extra], plans, conc, prompt,
+                    output, out, meta, device)
+
+
+def _run_static(args, model, cost_plans, plans, conc, prompt, output, out, meta, device) -> None:
+    import lbsearch
+
+    from ..bench import bandwidth_floor, calibrate_from_rows, model_shape, render, sweep, write_results
+    from ..profile import measure_machine
+
+    shape = model_shape(model)
     budget = int(args.memory_budget * 2**30) if args.memory_budget else None
-    cost_plans = plans + [Plan.uniform(shape.layers, s) for s in extra]
     rows, tables = sweep(model, plans, conc, prompt, output, repeats=args.repeats, budget_bytes=budget,
                          cost_plans=cost_plans)
     bw = measure_machine(device).bandwidth
@@ -80,10 +113,21 @@ def run(args) -> None:
         for batch, table in calibrate_from_rows(tables, rows, notes, out).items():
             print(f"calibrated cost table (batch {batch}, context {table.context}): {table.notes['path']}")
     print(render(rows))
-    meta = {"model": name, "device": tables[conc[0]].device, "prompt_len": prompt, "output_len": output,
-            "cost_source": {b: t.source for b, t in tables.items()},
-            "title": f"{name}: prompt {prompt}, output {output}"}
+    meta.update(device=tables[conc[0]].device, cost_source={b: t.source for b, t in tables.items()})
     for kind, path in write_results(out, "bench", rows, meta).items():
+        print(f"wrote {kind}: {path}")
+
+
+def _run_requests(args, model, plans, conc, prompt, output, out, meta) -> None:
+    from ..bench import REQUEST_COLUMNS, render, sweep_requests, write_results
+
+    rows = sweep_requests(model, plans, conc, prompt, output, requests=args.requests, distribution=args.lengths,
+                          spread=args.spread, seed=args.seed)
+    print(render(rows, REQUEST_COLUMNS))
+    meta.update(device=str(model.lm_head.weight.device), lengths=args.lengths, spread=args.spread, seed=args.seed,
+                title=f"{meta['model']}: requests, prompt ~{prompt}, output ~{output} ({args.lengths})")
+    for kind, path in write_results(out, "bench_requests", rows, meta, "throughput_tps",
+                                    "generated tokens/s").items():
         print(f"wrote {kind}: {path}")
 
 

@@ -27,17 +27,20 @@ def add_common(parser: argparse.ArgumentParser, out_help: str) -> None:
 
 def out_dir(args, default: Path) -> Path:
     """``--out`` or ``default``, created; a clear error when it cannot be."""
-    out = Path(args.out) if args.out else default
-    if out.exists() and not out.is_dir():
-        raise LBSearchError(f"--out {out}: exists and is not a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".lbsearch-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise LBSearchError(f"--out {out}: cannot write there ({exc.strerror})") from None
-    return out
+    from ..io import writable_dir
+
+    return writable_dir(Path(args.out) if args.out else default)
+
+
+def add_search_options(parser: argparse.ArgumentParser) -> None:
+    """The search's budget, sampler and study location (``search`` and ``run``)."""
+    parser.add_argument("--trials", type=int, help="complete trials in the study (default: the space's search.trials)")
+    parser.add_argument("--time-budget", type=float, metavar="SECONDS", help="stop asking for trials after this long")
+    parser.add_argument("--sampler", help="base sampler: tpe (multi-objective TPE, default), nsga2, gp, random")
+    parser.add_argument("--seed", type=int, help="sampler seed (default: the space's search.seed)")
+    parser.add_argument("--storage", metavar="URL", help="Optuna RDB URL, e.g. postgresql+psycopg2://user@host/db "
+                        "(default: sqlite in the output folder)")
+    parser.add_argument("--study", metavar="NAME", help="study name (default: lbsearch-<model>)")
 
 
 def model_name(args) -> str:
@@ -60,3 +63,16 @@ def check_positive(args, *names: str) -> None:
         value = getattr(args, name, None)
         if value is not None and value <= 0:
             raise LBSearchError(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+
+def early_plan(args, text: str):
+    """The plan of ``text`` (string or file) read with the space's defaults and checked against the
+    model's layer count when that is known without loading weights: bad plans fail before heavy work."""
+    from ..models import model_num_layers
+    from ..plan import resolve_plan
+    from ..space import load_space
+
+    space = load_space(args.space)
+    plan = resolve_plan(text, space.lswa_defaults)
+    n_layers = model_num_layers(args.model or space.model)
+    return plan.check(n_layers, text) if n_layers else plan

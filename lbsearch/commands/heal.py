@@ -6,7 +6,8 @@ import shutil
 from pathlib import Path
 
 from ..errors import LBSearchError
-from .common import Command, add_common, check_positive, model_name, open_workspace, out_dir
+from ..recipe import HealConfig
+from .common import Command, add_common, check_positive, early_plan, model_name, open_workspace, out_dir
 
 # flag -> HealConfig field; a flag left out keeps the space's heal: section or the recipe default
 FLAGS = {"batch_size": "batch_size", "grad_accum": "grad_accum", "lr": "lr", "lora_rank": "lora_rank",
@@ -45,20 +46,22 @@ def run(args) -> None:
     from ..export import save_healed
 
     check_positive(args, "tokens", "transfer_steps", "batch_size", "grad_accum", "checkpoint_tokens", "corpus_tokens")
+    plan = early_plan(args, args.plan)  # bad plans and recipes fail here, before the teacher loads
+    overrides = {field: getattr(args, flag) for flag, field in FLAGS.items() if getattr(args, flag) is not None}
+    if args.no_lora_mlp:
+        overrides["lora_mlp"] = False
+    HealConfig(**overrides)
+    out = out_dir(args, Path("runs") / model_name(args) / f"heal-{plan.key}")
     transfer = {"steps": args.transfer_steps} if args.transfer_steps else None
     corpus = {"healing_corpus_tokens": args.corpus_tokens} if args.corpus_tokens else None
     ws = open_workspace(args, library=args.library, transfer=transfer, defaults=corpus)
+    plan = ws.parse_plan(args.plan, args.plan)
     if ws.defaults.healing_corpus_tokens:
         if ws.space.data.source != "teacher":
             raise LBSearchError(f"--corpus-tokens needs data.source 'teacher' (the space has {ws.space.data.source!r})")
         print(f"healing corpus: {ws.defaults.healing_corpus_tokens} tokens sampled from the teacher "
               f"(seed {ws.space.data.seed + 1}; cached)", flush=True)
-    plan = ws.parse_plan(args.plan, args.plan)
-    overrides = {field: getattr(args, flag) for flag, field in FLAGS.items() if getattr(args, flag) is not None}
-    if args.no_lora_mlp:
-        overrides["lora_mlp"] = False
     cfg = ws.heal_config(args.tokens, **overrides)
-    out = out_dir(args, Path("runs") / model_name(args) / f"heal-{plan.key}")
     if args.no_resume:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     teacher = ws.evaluate()

@@ -13,7 +13,7 @@ from ..errors import LBSearchError
 from ..io import atomic_write_json, save_tensors
 
 if TYPE_CHECKING:
-    from .healing import HealConfig
+    from ..recipe import HealConfig
 
 
 @dataclass

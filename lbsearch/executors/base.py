@@ -42,6 +42,7 @@ class Job:
     plan: str
     fidelity: str = "assembled"
     tokens: int | None = None  # healing budget override
+    keep: str | None = None  # a folder: keep the healed model there (score(keep=...)); shared storage on a cluster
 
 
 @dataclass(frozen=True, kw_only=True)

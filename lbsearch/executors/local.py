@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 import socket
+import time
+import traceback
 from collections import deque
 
 from ..errors import LBSearchError
@@ -11,9 +13,20 @@ from ..plan import Plan
 from .base import Executor, Job, Outcome
 
 
+def one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else 'no detail'}"[:500]
+
+
+def describe(exc: Exception) -> tuple[str, dict]:
+    """(one-line error, details) of a plan that raised: a traceback too unless it is the user's error."""
+    return one_line(exc), ({} if isinstance(exc, LBSearchError) else {"traceback": traceback.format_exc()[-2000:]})
+
+
 class LocalExecutor(Executor):
     """Scores jobs in this process (tests, debugging, one-worker runs). ``workspace`` is an open
-    Workspace or a WorkspaceSpec (opened on first use)."""
+    Workspace or a WorkspaceSpec (opened on first use). Like every executor, a plan that fails
+    comes back as an Outcome with ``error`` (one line; ``details["traceback"]`` for bugs)."""
 
     slots = 1
 
@@ -36,9 +49,14 @@ class LocalExecutor(Executor):
     def wait(self, timeout: float | None = None) -> list[Outcome]:
         if not self._queue:
             return []
+        workspace = self.workspace  # a workspace that cannot open is the user's error, raised as such
         job = self._queue.popleft()
+        start = time.perf_counter()
         try:
-            result = score(self.workspace, Plan.parse(job.plan), job.fidelity, job.tokens)
-        except (LBSearchError, RuntimeError, ValueError) as exc:
-            return [Outcome(job=job, error=f"{type(exc).__name__}: {exc}"[:500], worker=self.worker)]
-        return [Outcome(job=job, result=result, worker=self.worker)]
+            result = score(workspace, Plan.parse(job.plan), job.fidelity, job.tokens, job.keep)
+        except Exception as exc:  # noqa: BLE001 - a plan's failure is an outcome; the driver goes on
+            error, details = describe(exc)
+            return [Outcome(job=job, error=error, worker=self.worker,
+                            details={**details, "seconds": time.perf_counter() - start})]
+        return [Outcome(job=job, result=result, worker=self.worker,
+                        details={"seconds": time.perf_counter() - start})]

@@ -1,20 +1,15 @@
 """Decode attention: the Triton split-KV kernel equals the PyTorch reference, which equals plain
 softmax attention over each sequence's filled rows; unwritten outputs are caught by NaN poisoning.
 
-Runs under TRITON_INTERPRET=1 on CPU (set below before Triton is imported).
+Compiled on a GPU (marked ``gpu``), under the Triton interpreter on CPU: see triton_mode.py.
 """
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
+from triton_mode import DEVICE, pytestmark  # noqa: F401 - first: it sets the Triton mode
 
 from lbsearch.kernels import decode_attention as da  # noqa: E402
 from lbsearch.kernels.decode_attention import split_kv  # noqa: E402
 
-INTERPRET = os.environ["TRITON_INTERPRET"] == "1"
-DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
 
 # (B, H, Hkv, D, L, splits): L allocated rows; sequences filled to different lengths
 SHAPES = [
@@ -48,7 +43,7 @@ def plain_attention(q, k, v, lens, scale):
     """Per sequence and head, softmax over the filled rows (float64)."""
     b, h, d = q.shape
     group = h // k.shape[1]
-    out = torch.empty(b, h, d, dtype=torch.float64)
+    out = torch.empty(b, h, d, dtype=torch.float64, device=q.device)
     for i in range(b):
         n = int(lens[i])
         for j in range(h):

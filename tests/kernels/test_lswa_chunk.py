@@ -1,15 +1,11 @@
 """Chunked Triton LSWA (forward, every gradient, prefill state) against the float64 naive reference,
 also under extreme masked scores and with left padding (test_lswa_naive checks the reference).
 
-Runs under TRITON_INTERPRET=1 on CPU (set below before Triton is imported); with a GPU and
-TRITON_INTERPRET=0 in the environment the same tests run the compiled kernels on CUDA.
+Compiled on a GPU (marked ``gpu``), under the Triton interpreter on CPU: see triton_mode.py.
 """
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
+from triton_mode import DEVICE, pytestmark  # noqa: F401 - first: it sets the Triton mode
 
 pytest.importorskip("triton")
 
@@ -18,8 +14,6 @@ from lbsearch.kernels.lswa.naive import lswa_naive, lswa_state_from_prefill  # n
 from test_lswa_naive import (EXTREME_PAIRS, EXTREME_SHAPE, PAD_CASES, extreme_inputs,  # noqa: E402
                              extreme_reference, left_pad, pad_id)
 
-INTERPRET = os.environ["TRITON_INTERPRET"] == "1"
-DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
 
 # (B, T, H, Hkv, D, F, window, sinks, chunk)
 SHAPES = [

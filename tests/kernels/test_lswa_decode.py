@@ -2,22 +2,17 @@
 chunk prefill's state continued by decode steps == naive full forward; a left-padded prefill
 continued by decode steps == each row alone; ops dispatch.
 
-Runs under TRITON_INTERPRET=1 on CPU (set below before Triton is imported).
+Compiled on a GPU (marked ``gpu``), under the Triton interpreter on CPU: see triton_mode.py.
 """
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
+from triton_mode import DEVICE, pytestmark  # noqa: F401 - first: it sets the Triton mode
 
 from lbsearch.kernels.lswa import ops  # noqa: E402
 from lbsearch.kernels.lswa.naive import (LSWAState, lswa_decode_naive, lswa_naive,  # noqa: E402
                                          lswa_state_from_prefill)
 from test_lswa_naive import left_pad  # noqa: E402
 
-INTERPRET = os.environ["TRITON_INTERPRET"] == "1"
-DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
 
 # (B, T, H, Hkv, D, F, window, sinks): T tokens in total, decoded from different start points
 SHAPES = [
