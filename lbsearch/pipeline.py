@@ -85,7 +85,7 @@ def search_and_report(config, space, ws, table, tracker, storage: str, study: st
     outputs = steps.write_outputs(report.front, run_dir, storage, meta)
     tracker.log_artifacts({"space.yaml": run_dir / steps.SPACE_FILE, "sensitivity": run_dir / "sensitivity",
                            **{p.name: p for k, p in outputs.items() if k != "export"},
-                           "export": outputs["export"], "bench": run_dir / "bench"})
+                           "export/plans": outputs["export"], "bench": run_dir / "bench"})
     return report, outputs
 
 

@@ -187,6 +187,6 @@ def write_outputs(front, run_dir: Path, storage: str, meta: dict) -> dict[str, P
 
     paths = write_report(front, run_dir, storage)
     paths["html"] = atomic_write_text(run_dir / "front.html", front_html(front, title=f"Pareto front: {front.study}"))
-    export_plans(front, run_dir / "export", {**meta, "study": front.study, "storage": storage})
-    paths["export"] = run_dir / "export"
+    export_plans(front, run_dir / "export" / "plans", {**meta, "study": front.study, "storage": storage})
+    paths["export"] = run_dir / "export" / "plans"  # where `lbsearch export RUN_DIR` writes them too
     return paths

@@ -121,14 +121,14 @@ def test_complete_run_has_mlflow_parent_children_artifacts_and_the_storage_front
     out, proc = finished
     assert "Pareto front of lbsearch-tiny" in proc.stdout
     assert ui_command(out) in proc.stdout and "Show all" in proc.stdout
-    assert f"exported plans: {out / 'export'}" in proc.stdout
+    assert f"exported plans: {out / 'export' / 'plans'}" in proc.stdout
     client, parent, kids = check_run(out, f"sqlite:///{out / 'mlflow.db'}")
     assert parent.info.status == "FINISHED"
     healed = [p for p in (out / "finalists").iterdir() if (p / "healed" / "weights.safetensors").is_file()]
     assert len(healed) == 2  # rescore_top: 2, each kept for export
     finalists = [k for k in kids.values() if k.data.tags.get("finalist") == "true"]
     assert len(finalists) == 2 and all("healed_kl" in k.data.metrics for k in finalists)
-    index = json.loads((out / "export" / "index.json").read_text())
+    index = json.loads((out / "export" / "plans" / "index.json").read_text())
     assert len(index["plans"]) == len(json.loads((out / "pareto.json").read_text())["front"])
 
 
