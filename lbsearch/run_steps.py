@@ -20,14 +20,18 @@ def say(text: str) -> None:
 def settings_of(run_dir: Path, config):
     """The run's settings: with ``config.resume``, those saved in the run folder (settings given
     now override them); else ``config``. Paths are made absolute, so a resume works from anywhere."""
-    from .run_config import RunConfig
+    from .run_config import parse_run_config
 
     saved = run_dir / CONFIG_FILE
     if config.resume:
         if not saved.is_file():
             raise LBSearchError(f"--resume: {run_dir} holds no run ({CONFIG_FILE} missing); run without --resume")
+        try:
+            data = read_json(saved)
+        except (ValueError, UnicodeDecodeError):
+            raise LBSearchError(f"{saved}: damaged (not JSON); run without --resume, or remove it") from None
         given = config.model_dump(exclude_defaults=True, exclude={"resume"})
-        config = RunConfig.model_validate({**read_json(saved), **given})
+        config = parse_run_config({**data, **given} if isinstance(data, dict) else data, str(saved))
     writable_dir(run_dir)
     absolute = {k: str(Path(v).resolve()) for k in ("space", "out") if (v := getattr(config, k))}
     return config.model_copy(update={**absolute, "out": str(run_dir)})
@@ -51,9 +55,12 @@ def sensitivity_table(ws, folder: Path):
 
     path = folder / "sensitivity.json"
     if path.is_file():
-        table = SensitivityTable.load(path)
-        if table.n_layers == ws.n_layers:
-            return table
+        try:
+            table = SensitivityTable.load(path)
+            if table.n_layers == ws.n_layers:
+                return table
+        except (ValueError, KeyError, TypeError, StopIteration):
+            say(f"{path}: damaged, computing it again")
     seq, tokens = ws.space.data.seq_len, ws.space.budgets.sensitivity_tokens
     blocks = ws.blocks["heldout"][: max(1, tokens // seq)]
     say(f"sensitivity: each of {ws.n_layers} layers changed alone, on {blocks.numel()} held-out tokens")

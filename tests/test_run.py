@@ -347,3 +347,29 @@ def _safe_trials(out: Path) -> dict:
         return finished_trials(out)
     except sqlite3.OperationalError:  # the driver is creating the tables
         return {}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{garbage", "run.json: damaged (not JSON)"),
+    ('{"trials": -4}', "run.json: trials: Input should be greater than 0"),
+    ("[1]", "run.json: expected a mapping"),
+])
+def test_a_damaged_run_json_is_one_line_on_resume(tmp_path, text, message):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.json").write_text(text)
+    proc = run_cli("--out", str(out), "--resume", env=dict(os.environ, LBSEARCH_CACHE=str(tmp_path / "cache")))
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
+
+
+def test_a_damaged_sensitivity_table_is_computed_again(tmp_path, tokenizer):
+    from lbsearch import run_steps as steps
+    from lbsearch.workspace import Workspace
+
+    ws = Workspace.open(write_tiny_space(tmp_path, tokenizer, layers=3), device="cpu", progress=False)
+    table = steps.sensitivity_table(ws, tmp_path / "sens")
+    (tmp_path / "sens" / "sensitivity.json").write_text("{bad")
+    again = steps.sensitivity_table(ws, tmp_path / "sens")
+    assert again.n_layers == table.n_layers == 3
+    assert again.column("none") == pytest.approx(table.column("none"))
