@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from lbsearch.data import eval_texts, pack_blocks
+from lbsearch.evaluate import perplexity_by_position
 from lbsearch.plan import Plan
 from lbsearch.sensitivity import SensitivityTable, remove_only_plan, threshold_plan, uniform_plan
 from lbsearch.space import load_space
@@ -57,6 +59,11 @@ RUNS = {
     "threshold-s0": Run("threshold", spec=dict(sinks=0)),
     "threshold-f128": Run("threshold", spec=dict(feature_dim=128)),
     "threshold-w128": Run("threshold", spec=dict(window=128)),
+    "threshold-T2": Run("threshold", heal=dict(temperature=2.0)),
+    "uniform-r64": Run("uniform", heal=dict(lora_rank=64, lora_alpha=128)),
+    "uniform-T2": Run("uniform", heal=dict(temperature=2.0)),
+    "uniform-w256": Run("uniform", spec=dict(window=256)),
+    "remove-r64": Run("remove", heal=dict(lora_rank=64, lora_alpha=128)),
 }
 
 
@@ -105,13 +112,33 @@ def heal_run(ws: Workspace, name: str, plan: Plan, run: Run, args, teacher: dict
     transfer_s = time.perf_counter() - start
     session = ws.student(plan, cfg, checkpoints=Path(args.work) / name, evaluator=cfg.eval_tokens > 0,
                          library=library, resume=False)
-    with session:
+    with session as model:
         after = ws.evaluate()
+        long = long_context(model, ws.tokenizer, args) if args.long_context else None
     state = session.heal_state
     return {"plan": str(plan), "teacher": teacher, "before": {k: q.to_dict() for k, q in before.items()},
             "after": {k: q.to_dict() for k, q in after.items()}, "tokens": state.tokens, "seconds": state.seconds,
             "tokens_per_s": state.tokens / max(state.seconds, 1e-9), "transfer_seconds": transfer_s,
-            "final_loss": state.losses[-1] if state.losses else None, "curve": state.evals}
+            "final_loss": state.losses[-1] if state.losses else None, "curve": state.evals,
+            **({"long_context": long} if long else {})}
+
+
+LONG_BLOCKS: dict = {}
+
+
+def long_context(model, tokenizer, args) -> dict:
+    """Perplexity on real text (python-docs, EOS-joined) packed in blocks of the longest
+    ``--long-context`` length, per span of predicted positions [0, L1), [L1, L2), ...: a student whose
+    ratio to the teacher grows from span to span drifts with the context."""
+    lengths = sorted(args.long_context)
+    if "blocks" not in LONG_BLOCKS:
+        LONG_BLOCKS["blocks"] = pack_blocks(eval_texts("python-docs"), tokenizer, lengths[-1],
+                                            max_tokens=args.long_tokens)
+    blocks = LONG_BLOCKS["blocks"]
+    edges = (0, *lengths)
+    spans = perplexity_by_position(model, blocks, edges)
+    return {"lengths": lengths, "blocks": list(blocks.shape), "span_ppl": dict(zip(
+        [f"{a}-{b}" for a, b in zip(edges[:-1], edges[1:])], spans))}
 
 
 def main() -> None:
@@ -131,6 +158,11 @@ def main() -> None:
                    help="teacher targets (cached: the setting of the recorded runs)")
     p.add_argument("--eval-tokens", type=int, default=0, help="held-out quality every this many tokens")
     p.add_argument("--budget-s", type=float, default=1e9, help="start no new run after this many seconds")
+    p.add_argument("--seq-len", type=int, help="training and evaluation block length (default: the space's)")
+    p.add_argument("--long-context", type=int, nargs="*", default=[],
+                   help="also measure real-text perplexity per position span up to these lengths (e.g. 512 2048 4096)")
+    p.add_argument("--long-tokens", type=int, default=65536, help="real-text tokens of the long-context set")
+    p.add_argument("--tag", default="", help="suffix of the result file: bench_heal<tag>.json")
     p.add_argument("--out", default=os.environ.get("OUT", "runs/bench_heal"), help="bench_heal.json goes here")
     p.add_argument("--work", default="runs/bench_heal_work", help="checkpoints")
     args = p.parse_args()
@@ -140,18 +172,25 @@ def main() -> None:
     space = load_space(None).on(args.device.split(":")[0])  # CPU-sized budgets on a CPU
     held = args.eval_tokens_heldout or space.budgets.eval_tokens
     data = {**space.data.model_dump(), "healing_corpus_tokens": args.corpus_tokens,
-            "corpus_tokens": max(space.data.corpus_tokens, 4 * held)}
+            "corpus_tokens": max(space.data.corpus_tokens, 4 * held), **({"seq_len": args.seq_len} if args.seq_len else {})}
     budgets = {**space.budgets.model_dump(), "eval_tokens": held}
     space = space.model_copy(update={"data": type(space.data)(**data), "budgets": type(space.budgets)(**budgets),
                                      "cpu": {}})
     ws = Workspace.open(space, device=args.device, cache=args.cache, model=args.model,
                         defaults={"generate_batch_size": args.gen_batch})
     print(f"workspace: {time.perf_counter() - t0:.0f} s", flush=True)
+    t1 = time.perf_counter()
+    ws.healing_blocks  # noqa: B018 - the healing corpus, timed on its own
+    corpus_s = time.perf_counter() - t1
+    print(f"healing corpus: {ws.healing_blocks.numel():,} tokens in {corpus_s:.0f} s", flush=True)
     plans = base_plans(SensitivityTable.load(TABLE), space.default_lswa())
     teacher = {k: q.to_dict() for k, q in ws.evaluate().items()}
+    if args.long_context:
+        teacher["long_context"] = long_context(ws.model, ws.tokenizer, args)
     results = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
                "train_tokens": ws.healing_blocks.numel(), "heldout_tokens": ws.heldout.blocks.numel(),
-               "real_tokens": sum(e.blocks.numel() for e in ws.real_text.values()), "config": vars(args), "runs": {}}
+               "real_tokens": sum(e.blocks.numel() for e in ws.real_text.values()), "config": vars(args), "runs": {},
+               "healing_corpus_s": corpus_s, "data_sources": ws.data_sources()}
     for name in args.runs:
         if time.perf_counter() - t0 > args.budget_s:
             print(f"skipping {name}: time budget", flush=True)
@@ -162,7 +201,7 @@ def main() -> None:
         report["gap_closed"] = gap_closed(report)
         report["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else None
         results["runs"][name] = report
-        (out / "bench_heal.json").write_text(json.dumps(results, indent=1))
+        (out / f"bench_heal{args.tag}.json").write_text(json.dumps(results, indent=1))
         h = {k: report[k]["heldout"]["perplexity"] for k in ("teacher", "before", "after")}
         print(f"{name}: ppl {h['before']:.2f} -> {h['after']:.2f} (teacher {h['teacher']:.2f}; "
               f"{report['tokens_per_s']:.0f} tok/s; {time.perf_counter() - t0:.0f} s elapsed)", flush=True)

@@ -17,8 +17,18 @@ Next tokens are greedy or sampled (:mod:`lbsearch.sampling`, seeded generator on
 device), with a per-row stop at EOS: a finished row emits the pad token from then on. On CUDA
 one decode step, sampling and EOS bookkeeping included, is captured as a CUDA graph per decoding
 setting and replayed; on CPU it is a plain loop.
+
+The decode step is fused by default (:mod:`lbsearch.fused`: q/k/v and gate/up as one GEMM each,
+residual add + RMSNorm, RoPE + cache write and the LSWA feature map as one kernel each);
+``fused=False`` is the eager step (the model's modules and each runner's ``decode``), kept to
+measure against. ``compile=True`` also runs the fused step through ``torch.compile`` (the Triton
+kernels as custom ops, :mod:`lbsearch.fused_ops`), compiled once when the engine is built (tens of
+seconds; off by default, since corpus generation builds an engine per call) and falling back to
+the uncompiled fused step, with a warning, where compiling fails.
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 
@@ -66,9 +76,11 @@ class DecodeEngine:
 
     ``max_len`` bounds every row's prompt + generated tokens. ``prefill_rows`` rows are
     prefilled at a time. ``graph``: capture the decode step as a CUDA graph (default: on CUDA).
+    ``fused``: the fused decode step (default) or the eager one; ``compile``: compile the fused step.
     """
 
-    def __init__(self, model, batch: int, max_len: int, *, prefill_rows: int = 32, graph: bool | None = None):
+    def __init__(self, model, batch: int, max_len: int, *, prefill_rows: int = 32, graph: bool | None = None,
+                 fused: bool = True, compile: bool = False):
         self.model = model
         self.layers = decoder_layers(model)
         self.kinds = [kind_of_module(layer.self_attn) for layer in self.layers]
@@ -93,8 +105,12 @@ class DecodeEngine:
         self.sampling, self.stop = GREEDY, False
         self.use_graph = graph if graph is not None else self.device.type == "cuda"
         self._graphs: dict[tuple[Sampling, bool], torch.cuda.CUDAGraph] = {}
+        self.fused, self.compiled = fused or compile, False
+        self._body = self._build_body(compile) if self.fused else None
         if self.use_graph:
             self._capture()
+        elif compile:
+            self._warm_up()
 
     @property
     def prompt_len(self) -> int:
@@ -106,16 +122,44 @@ class DecodeEngine:
         self.host_pos.fill_(value)
 
     # -- the step --------------------------------------------------------------------------
+    def _build_body(self, compile: bool):
+        """The fused step's body (tokens, pos) -> logits, compiled when asked and possible."""
+        from .fused import FusedDecoder, eager_ops
+
+        self.decoder = FusedDecoder(self.model, self.layers, self._attending, self.cos, self.sin, eager_ops())
+        if not compile:
+            return self.decoder
+        try:
+            from .fused_ops import compile_ops
+
+            compiled = FusedDecoder(self.model, self.layers, self._attending, self.cos, self.sin, compile_ops())
+            return _Compiled(compiled, self.decoder, self)
+        except Exception as exc:  # noqa: BLE001 - no compiler / custom ops here: the fused step as it is
+            warnings.warn(f"lbsearch: compiling the decode step is unavailable ({exc!r}); running it uncompiled")
+            return self.decoder
+
+    def _warm_up(self) -> None:
+        """One step to compile (CPU, no graph); prefill resets what it fills, as after a capture."""
+        self._step()
+        self.pos.zero_()
+        self.done.zero_()
+
     def _pick(self, hidden) -> torch.Tensor:
         return pick(self.model.lm_head(self.model.model.norm(hidden)), self.sampling, self.generator)
 
-    @torch.no_grad()
-    def _step(self) -> None:
+    def _logits(self) -> torch.Tensor:
+        """Logits [B, V] of the step's tokens (caches and states updated)."""
+        if self._body is not None:
+            return self._body(self.tokens, self.pos)
         hidden = self.model.model.embed_tokens(self.tokens[:, None])
         cos_sin = (self.cos[self.pos][:, None], self.sin[self.pos][:, None])
         for layer, runner in zip(self.layers, self._attending):
             hidden = _block(layer, runner, hidden, "decode", self.pos, cos_sin)
-        nxt = self._pick(hidden[:, -1])
+        return self.model.lm_head(self.model.model.norm(hidden[:, -1]))
+
+    @torch.no_grad()
+    def _step(self) -> None:
+        nxt = pick(self._logits(), self.sampling, self.generator)
         if self.stop:  # HF's rule: a row that stopped before this token emits pad
             nxt = torch.where(self.done, self.pad, nxt)
             self.done |= (nxt[:, None] == self.eos).any(-1)
@@ -276,4 +320,36 @@ class DecodeEngine:
         out = {kind: 0 for kind in KINDS}
         for kind, runner in zip(self.kinds, self.runners):
             out[kind.name] += runner.nbytes()
+        return out
+
+
+class _Compiled:
+    """``torch.compile`` of a fused decoder; the first call compiles (engine build), and a failure there
+    falls back to the uncompiled decoder for good, with a warning."""
+
+    def __init__(self, decoder, fallback, engine):
+        import torch._dynamo
+
+        cfg = torch._dynamo.config
+        for name in ("recompile_limit", "cache_size_limit"):  # one cache entry per engine built in a process
+            if hasattr(cfg, name):
+                setattr(cfg, name, max(getattr(cfg, name), 256))
+        if hasattr(cfg, "accumulated_recompile_limit"):
+            cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 4096)
+        self.decoder, self.fallback, self.engine = decoder, fallback, engine
+        self.fn = torch.compile(decoder.__call__, dynamic=False)
+
+    def __call__(self, tokens, pos):
+        if self.fn is self.fallback:
+            return self.fallback(tokens, pos)
+        try:
+            out = self.fn(tokens, pos)
+        except Exception as exc:
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                raise
+            warnings.warn(f"lbsearch: compiling the decode step failed ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''}); running it uncompiled")
+            self.fn = self.fallback
+            return self.fallback(tokens, pos)
+        self.engine.compiled = True
         return out

@@ -169,3 +169,20 @@ class PrefixStates:
             hidden = run_layers(model, states[start], start, *position_inputs(model, ids))
             sums += quality_sums(head(model, hidden), self.blocks[sl], teacher.batch(sl))
         return quality_from_sums(sums)
+
+
+@torch.no_grad()
+def perplexity_by_position(model, blocks: torch.Tensor, edges: tuple[int, ...], batch_size: int = 1) -> list[float]:
+    """Perplexity of ``model`` on the real next tokens of ``blocks`` [N, T], per span of predicted
+    positions ``[edges[i], edges[i+1])``: whether quality drifts as the context grows (for LSWA the
+    linear state's share of the normaliser grows with it). Spans past T are NaN."""
+    if list(edges) != sorted(set(edges)) or edges[0] < 0:
+        raise ValueError(f"edges must increase from >= 0, got {edges}")
+    nll = torch.zeros(blocks.shape[1] - 1, dtype=torch.float64)
+    for i in range(0, len(blocks), batch_size):
+        ids = blocks[i: i + batch_size].to(_device(model))
+        logq = torch.log_softmax(model(ids).logits[:, :-1].float(), -1)
+        nll += -logq.gather(-1, ids[:, 1:, None])[..., 0].sum(0).double().cpu()
+    nll /= len(blocks)
+    spans = zip(edges[:-1], edges[1:])
+    return [float(torch.exp(nll[a:b].mean())) if a < len(nll) else float("nan") for a, b in spans]

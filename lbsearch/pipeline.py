@@ -44,6 +44,7 @@ def run(config: RunConfig) -> RunReport:
 
     # 1. Teacher, corpus, data splits, teacher logits (all cached by content).
     ws = Workspace.open(space, device=str(device))
+    steps.save_data_sources(ws, run_dir)  # each source: kind, name, weight, tokens drawn
 
     # 2. Sensitivity: each layer changed alone -> the search's prior.
     table = steps.sensitivity_table(ws, run_dir / "sensitivity") if config.prior else None
@@ -52,7 +53,7 @@ def run(config: RunConfig) -> RunReport:
     steps.build_library(ws)
 
     # 4. Search: Optuna over plans, scored by the workers; every trial logged to MLflow as it ends.
-    tracker.start_study(study, params=run_params(config, space), storage=storage,
+    tracker.start_study(study, params=run_params(config, space, ws.data_sources()), storage=storage,
                         tags={"run_dir": str(run_dir)})
     try:
         report, outputs = search_and_report(config, space, ws, table, tracker, storage, study, run_dir)
@@ -80,19 +81,23 @@ def search_and_report(config, space, ws, table, tracker, storage: str, study: st
     steps.log_finalists(tracker, report.front, bench)
 
     # 7. Report and export: pareto.*, front.html, export/ — also onto the MLflow parent run.
-    meta = {"model": space.model, "data": space.data.model_dump(mode="json"),
+    data_file = steps.save_data_sources(ws, run_dir)  # with the healing corpus, if healing drew one here
+    meta = {"model": space.model, "data": space.data.model_dump(mode="json"), "data_sources": ws.data_sources(),
             "target": space.target.model_dump(mode="json")}
     outputs = steps.write_outputs(report.front, run_dir, storage, meta)
-    tracker.log_artifacts({"space.yaml": run_dir / steps.SPACE_FILE, "sensitivity": run_dir / "sensitivity",
+    tracker.log_artifacts({"space.yaml": run_dir / steps.SPACE_FILE, steps.DATA_FILE: data_file,
+                           "sensitivity": run_dir / "sensitivity",
                            **{p.name: p for k, p in outputs.items() if k != "export"},
                            "export/plans": outputs["export"], "bench": run_dir / "bench"})
     return report, outputs
 
 
-def run_params(config: RunConfig, space) -> dict:
-    """The parent run's params: model, space (flattened by the tracker), budgets, sampler, seed, target."""
+def run_params(config: RunConfig, space, data_sources: dict | None = None) -> dict:
+    """The parent run's params: model, space (flattened by the tracker), budgets, sampler, seed, target,
+    and what each data source gave the corpus (``data_sources.<i>.*``)."""
+    sources = {"data_sources": steps.data_params(data_sources)} if data_sources else {}
     return {"model": space.model, "space": space.model_dump(mode="json", exclude={"cpu", "budgets", "search"}),
             "budgets": space.budgets.model_dump(mode="json"), "sampler": space.search.sampler,
             "seed": space.search.seed, "target": space.target.model_dump(mode="json"),
             "search": space.search.model_dump(mode="json", exclude={"sampler", "seed", "threshold_budgets"}),
-            "workers": config.workers, "prior": config.prior}
+            "workers": config.workers, "prior": config.prior, **sources}

@@ -8,6 +8,7 @@ from .errors import LBSearchError
 from .io import atomic_write_json, atomic_write_text, read_json, writable_dir
 
 SPACE_FILE, CONFIG_FILE, BENCH_FILE = "space.yaml", "run.json", "bench/finalists.json"
+DATA_FILE = "data_sources.json"
 
 
 def say(text: str) -> None:
@@ -44,6 +45,20 @@ def save_settings(config, space, run_dir: Path) -> None:
     atomic_write_json(run_dir / CONFIG_FILE, config.model_dump(mode="json", exclude={"resume"}))
     atomic_write_text(run_dir / SPACE_FILE, yaml.safe_dump(space.model_dump(mode="json", exclude={"cpu"}),
                                                            sort_keys=False))
+
+
+def save_data_sources(ws, run_dir: Path) -> Path:
+    """data_sources.json: each training source (kind, name, weight, tokens drawn) of the corpus and,
+    once built, of the healing corpus (rewritten when that changes)."""
+    return atomic_write_json(run_dir / DATA_FILE, ws.data_sources())
+
+
+def data_params(sources: dict) -> dict:
+    """The corpus's sources as MLflow params: ``data_sources.<i>.kind / source / weight / tokens``."""
+    corpus = sources.get("corpus") or {}
+    return {"key": corpus.get("key"), "tokens": corpus.get("tokens"),
+            **{str(s["index"]): {k: s[k] for k in ("kind", "source", "weight", "tokens", "documents")}
+               for s in corpus.get("sources", [])}}
 
 
 # -- sensitivity and the block library ---------------------------------------------------------

@@ -17,7 +17,7 @@ explicit generator, so a seeded step can be captured in a CUDA graph and repeats
 Top-p without a full-vocabulary sort: the ``CANDIDATES`` most likely tokens are taken (sorted). A
 row whose least likely candidate is below its nucleus's last token has its nucleus inside them and
 races there. A row whose nucleus is wider: on CPU the batch falls back to the full sort (a host
-check); on CUDA a Triton kernel handles such rows alone (one program per row, the others return at
+check); on CUDA a Triton kernel (``lbsearch.kernels.top_p``) handles such rows alone (one program per row, the others return at
 once: no host sync, so it runs inside the engine's CUDA graph), finding the nucleus's last token
 by bisection over the float bits with exact integer masses and racing over the whole vocabulary.
 Every way computes the same numbers (the same probabilities, integer sums and ``U`` per token), so
@@ -29,8 +29,9 @@ from dataclasses import dataclass
 
 import torch
 
-triton = tl = None  # imported with the first CUDA top-p step (this module loads without Triton)
-_KERNEL = None  # the wide-row kernel once built; False where Triton is missing
+from .kernels.top_p import KEY_FLOOR, MASS_SCALE
+
+_KERNEL = None  # the wide-row kernel once imported; False where Triton is missing
 
 
 @dataclass(frozen=True)
@@ -56,8 +57,6 @@ class Sampling:
 
 GREEDY = Sampling()
 CANDIDATES = 1024  # top-p: the tokens ranked first; the nucleus is computed among them when it fits
-MASS_SCALE = 2.0 ** 40  # a probability's integer mass: int(p * MASS_SCALE), summed exactly in int64
-KEY_FLOOR = -3.4028234663852886e38  # a kept token's race key is at least this; a dropped one's is -inf
 
 
 def _scaled(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
@@ -103,64 +102,24 @@ def _candidates(probs, log_u, bound: int, k: int) -> tuple[torch.Tensor, torch.T
 
 
 def _wide_rows_kernel():
-    """The Triton kernel for rows whose nucleus is wider than the candidates, built on first use (Triton is
-    imported then, so ``TRITON_INTERPRET`` set before that is honoured); None without Triton."""
-    global _KERNEL, triton, tl
+    """The Triton wide-row kernel (``lbsearch.kernels.top_p``), imported on first use (so ``TRITON_INTERPRET``
+    set before that is honoured); None without Triton."""
+    global _KERNEL
     if _KERNEL is None:
         try:
-            import triton
-            import triton.language as tl
+            from .kernels.top_p import wide_rows
         except ImportError:  # pragma: no cover - images without Triton: a CUDA step sorts when a row needs it
             _KERNEL = False
             return None
-
-        @triton.jit
-        def _kernel(probs_ptr, log_u_ptr, fits_ptr, tokens_ptr, V, bound, SCALE: tl.constexpr,
-                    FLOOR: tl.constexpr, BLOCK: tl.constexpr):
-            """One program per row; a row whose nucleus is wider than the candidates (``fits`` 0) gets its
-            token here: the smallest float bit pattern ``b`` whose integer mass above it is below ``bound``
-            is the nucleus's last probability (bisection over [0, bits(1.0)]: 30 halvings), then the race."""
-            row = tl.program_id(0)
-            if tl.load(fits_ptr + row) == 0:
-                base = row.to(tl.int64) * V
-                offs = tl.arange(0, BLOCK)
-                lo = tl.zeros((), tl.int32)
-                hi = tl.full((), 1065353216, tl.int32)  # bits(1.0): nothing lies above it
-                for _ in range(30):
-                    mid = (lo + hi) // 2
-                    above = tl.zeros((), tl.int64)
-                    for start in range(0, V, BLOCK):
-                        idx = start + offs
-                        p = tl.load(probs_ptr + base + idx, mask=idx < V, other=0.0)
-                        mass = (p * SCALE).to(tl.int64)
-                        above += tl.sum(tl.where(p.to(tl.int32, bitcast=True) > mid, mass, 0), axis=0)
-                    inside = above < bound
-                    hi = tl.where(inside, mid, hi)
-                    lo = tl.where(inside, lo, mid + 1)
-                best = tl.full((), float("-inf"), tl.float32)
-                best_i = tl.zeros((), tl.int32)
-                for start in range(0, V, BLOCK):
-                    idx = start + offs
-                    p = tl.load(probs_ptr + base + idx, mask=idx < V, other=0.0)
-                    log_u = tl.load(log_u_ptr + base + idx, mask=idx < V, other=-1.0)
-                    kept = (p.to(tl.int32, bitcast=True) >= hi) & (idx < V)
-                    key = tl.where(kept, tl.maximum(tl.math.div_rn(log_u, p), FLOOR), float("-inf"))
-                    block_best = tl.max(key, axis=0)
-                    block_i = tl.argmax(key, axis=0)
-                    better = block_best > best
-                    best_i = tl.where(better, start + block_i, best_i)
-                    best = tl.where(better, block_best, best)
-                tl.store(tokens_ptr + row, best_i.to(tl.int64))
-
-        _KERNEL = _kernel
+        _KERNEL = wide_rows._kernel
     return _KERNEL or None
 
 
-def _wide_rows(probs, log_u, fits, tokens, bound: int, kernel=None) -> None:
-    """Overwrite ``tokens`` of the rows whose nucleus is wider than the candidates (``fits`` False)."""
-    kernel = kernel if kernel is not None else _wide_rows_kernel()
-    kernel[(probs.shape[0],)](probs, log_u, fits.view(torch.int8), tokens, probs.shape[-1], bound,
-                              SCALE=MASS_SCALE, FLOOR=KEY_FLOOR, BLOCK=4096)
+def _wide_rows(probs, log_u, fits, tokens, bound: int) -> None:
+    """Overwrite ``tokens`` of the rows whose nucleus is wider than the candidates (``fits`` False), in Triton."""
+    from .kernels.top_p.wide_rows import top_p_wide_rows_triton
+
+    top_p_wide_rows_triton(probs, log_u, fits, tokens, bound)
 
 
 def _top_p_pick(probs: torch.Tensor, s: Sampling, generator, k: int) -> torch.Tensor:

@@ -117,19 +117,68 @@ def _overrides_of(config_cls, exclude: tuple[str, ...] = ()):
     return AfterValidator(check)
 
 
+class SourceConfig(_Strict):
+    """One source of the training corpus. ``source`` names its kind (lbsearch.corpus.sources.SOURCE_KINDS:
+    teacher-prompts, teacher-unconditional, a local file or folder, a hub dataset); the options that kind
+    takes may be set, the others not (None: the kind's default)."""
+
+    source: str = Field(min_length=1)
+    weight: float = Field(1.0, gt=0, le=1e6)  # share of the corpus's tokens, relative to the other sources
+    text_field: str | None = None  # files, hub: the column with the text (default: data.text_field)
+    subset: str | None = None  # hub: the dataset's configuration
+    split: str | None = None  # hub: its split (default train)
+    prompts: str | None = None  # teacher-prompts: the prompt set, broad (default) or seed (the first 32)
+    temperature: float | None = Field(None, gt=0, le=10)  # teacher samples (defaults: answers 0.8, unconditional 1)
+    top_p: float | None = Field(None, gt=0, le=1)  # teacher samples (defaults: answers 0.95, unconditional 1)
+    max_new_tokens: int | None = Field(None, ge=1, le=100_000)  # teacher samples (default 256)
+    start: str | None = None  # teacher-unconditional: bos (default), eos or a token's text
+
+    @model_validator(mode="after")
+    def _fits_its_kind(self):
+        from .corpus.sources import option_error
+
+        error = option_error(self.source, self.model_dump(exclude={"source", "weight"}))
+        if error:
+            raise ValueError(error)
+        return self
+
+
 class DataConfig(_Strict):
-    source: str = "teacher"  # "teacher" (generated), a local .txt/.json/.jsonl/.parquet file or dir, or a hub name
-    # held-out real text measured beside the held-out split (never trained on); see lbsearch.data.EVAL_SOURCES
+    # the training corpus: one source (shorthand) or a weighted mixture; neither: teacher-prompts
+    source: str | None = None  # teacher (= teacher-prompts), teacher-unconditional, a local file/dir, a hub name
+    sources: list[SourceConfig] = Field(default_factory=list)
+    # held-out real text measured beside the held-out split (never trained on); see lbsearch.corpus.EVAL_SOURCES
     eval_sources: list[str] = Field(default_factory=list)
-    text_field: str = "text"
+    text_field: str = "text"  # files and hub datasets: the column with the text, unless a source sets its own
     seq_len: PositiveInt = Field(512, le=1_000_000)
-    corpus_tokens: PositiveInt = Field(24576, le=MAX_TOKENS)  # size of the teacher-generated corpus
-    # GPU healing (source "teacher") trains on a separate teacher corpus of this size, so a 10M-token
-    # budget repeats each block a few times instead of hundreds; 0, or on CPU: the train split
+    corpus_tokens: PositiveInt = Field(24576, le=MAX_TOKENS)  # size of the corpus split into train/calibration/held-out
+    # GPU healing trains on its own corpus of this size, drawn from the same sources (other seed, train-split
+    # prompts and documents only), so a 10M-token budget repeats each block a few times instead of hundreds;
+    # 0, or on CPU: the train split
     healing_corpus_tokens: NonNegativeInt = Field(2_500_000, le=MAX_TOKENS)
     heldout_fraction: float = Field(0.25, gt=0, lt=1)
     calibration_fraction: float = Field(0.25, gt=0, lt=1)
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_way_to_name_sources(self):
+        if self.source is not None and self.sources:
+            raise ValueError("give data.source (one source) or data.sources (a mixture), not both")
+        return self
+
+    @property
+    def mixture(self) -> tuple[SourceConfig, ...]:
+        """The corpus's sources: ``source`` alone, else ``sources``, else teacher-prompts."""
+        if self.source is not None:
+            return (SourceConfig(source=self.source),)
+        return tuple(self.sources) or (SourceConfig(source="teacher-prompts"),)
+
+    def source_keys(self) -> list[str]:
+        """The key each source of :attr:`mixture` is named by in messages (``data`` for the shorthand:
+        ``data.source``, ``data.text_field``)."""
+        if self.source is not None or not self.sources:
+            return ["data"]
+        return [f"data.sources[{i}]" for i in range(len(self.sources))]
 
 
 Fraction = Annotated[float, Field(ge=0, le=1)]
@@ -259,16 +308,37 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
+def _sub_model(model, name) -> tuple[type[BaseModel] | None, bool]:
+    """The model a field of ``model`` holds, and whether it holds a list of them."""
+    field = model.model_fields.get(name) if model is not None and isinstance(name, str) else None
+    ann = getattr(field, "annotation", None)
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann, False
+    args = getattr(ann, "__args__", ())
+    if getattr(ann, "__origin__", None) is list and args and isinstance(args[0], type) \
+            and issubclass(args[0], BaseModel):
+        return args[0], True
+    return None, False
+
+
+def _walk(loc: tuple) -> tuple[str, type[BaseModel] | None]:
+    """The key path as written (``data.sources[2].weight``: list items of models indexed) and the model
+    that holds its last key (None when that is not a model)."""
+    model, listed, path, holder = SearchSpace, False, "", None
+    for part in loc:
+        if listed and isinstance(part, int):
+            path, listed = f"{path}[{part}]", False
+            continue
+        path += ("." if path else "") + str(part)
+        holder = model
+        model, listed = _sub_model(model, part)
+    return path, holder
+
+
 def _allowed_keys(loc: tuple) -> list[str]:
     """Field names of the model that holds the key at ``loc`` (for 'unknown key' messages)."""
-    model = SearchSpace
-    for part in loc[:-1]:
-        field = model.model_fields.get(part) if isinstance(part, str) else None
-        ann = getattr(field, "annotation", None)
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
-            return []
-        model = ann
-    return list(model.model_fields)
+    holder = _walk(loc)[1]
+    return list(holder.model_fields) if holder is not None else []
 
 
 def _message(error: dict) -> str:
@@ -283,7 +353,7 @@ def _shown(value, limit: int = 80) -> str:
 
 def _one_line(error: dict, source: str) -> str:
     loc = tuple(error["loc"])
-    path = ".".join(str(p) for p in loc) or "(top level)"
+    path = _walk(loc)[0] or "(top level)"
     if error["type"] == "extra_forbidden":
         allowed = _allowed_keys(loc)
         return f"{source}: {path}: unknown key; allowed: {', '.join(allowed)}"

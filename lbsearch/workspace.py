@@ -17,7 +17,8 @@ import torch
 
 from .attention import ORIGINAL
 from .cost import CostTable, ModelShape, spec_key, target_table
-from .data import blocks_hash, eval_texts, load_corpus, pack_blocks, split_corpus, teacher_corpus
+from .corpus.splits import held_out_groups
+from .data import Corpus, blocks_hash, build_corpus, check_sources, eval_texts, pack_blocks, split_corpus
 from .distill import BlockLibrary, add_lora, heal, remove_lora, trainable_pairs
 from .errors import LBSearchError
 from .evaluate import PrefixStates, Quality, TeacherLogits, evaluate, teacher_logits
@@ -40,7 +41,7 @@ class DeviceDefaults:
     generate_batch_size: int
     healing_tokens: int  # fidelity "full"
     trial_healing_tokens: int  # fidelity "brief"
-    healing_corpus_tokens: int  # heal on a separate teacher corpus of this size (0: the train split)
+    healing_corpus_tokens: int  # heal on a separate corpus of this size from the same sources (0: the train split)
 
     @classmethod
     def for_device(cls, device: torch.device, space: SearchSpace) -> "DeviceDefaults":
@@ -49,7 +50,7 @@ class DeviceDefaults:
             return cls(transfer_steps=300, heal_batch_size=32, heal_grad_accum=1, eval_batch_size=16,
                        generate_batch_size=512,
                        healing_tokens=b.healing_tokens, trial_healing_tokens=b.trial_healing_tokens,
-                       healing_corpus_tokens=data.healing_corpus_tokens if data.source == "teacher" else 0)
+                       healing_corpus_tokens=data.healing_corpus_tokens)
         return cls(transfer_steps=50, heal_batch_size=1, heal_grad_accum=4, eval_batch_size=4, generate_batch_size=64,
                    healing_tokens=b.healing_tokens, trial_healing_tokens=b.trial_healing_tokens,
                    healing_corpus_tokens=0)
@@ -80,8 +81,11 @@ class Workspace:
 
     def __init__(self, *, space: SearchSpace, device: torch.device, model, tokenizer, key: str,
                  blocks: dict[str, torch.Tensor], heldout: EvalSet, real_text: dict[str, EvalSet],
-                 library: BlockLibrary, defaults: DeviceDefaults, progress: bool = True):
+                 library: BlockLibrary, defaults: DeviceDefaults, progress: bool = True, corpus: Corpus | None = None,
+                 held_groups: frozenset = frozenset()):
         self.space, self.device, self.model, self.tokenizer, self.key = space, device, model, tokenizer, key
+        self.corpus, self.healing_corpus = corpus, None  # what each source gave (the run's metadata)
+        self.held_groups = held_groups  # the corpus's held-out and calibration groups: never healed on
         self.blocks, self.heldout, self.real_text = blocks, heldout, real_text
         self.library, self.defaults, self.progress = library, defaults, progress
         self.n_layers = model.config.num_hidden_layers
@@ -104,13 +108,15 @@ class Workspace:
         space = space if isinstance(space, SearchSpace) else load_space(space)
         dev = pick_device(device)
         space = space.on(dev)
+        check_sources(space.data)  # bad sources fail here, in one line, before the teacher loads
         ref = model or space.model
         key = model_key(ref)
         teacher, tokenizer = load_teacher(ref, device=str(dev)), load_tokenizer(ref)
         space.check_layers(teacher.config.num_hidden_layers, "space")
         device_defaults = replace(DeviceDefaults.for_device(dev, space), **(defaults or {}))
-        corpus = load_corpus(space.data, teacher, tokenizer, model_key=key, batch_size=device_defaults.generate_batch_size)
-        splits = split_corpus(corpus, space.data)
+        corpus = build_corpus(space.data, teacher, tokenizer, model_key=key,
+                              batch_size=device_defaults.generate_batch_size, progress=progress)
+        splits = split_corpus(corpus.dataset, space.data)
         seq, budgets = space.data.seq_len, space.budgets
         blocks = {"train": pack_blocks(splits["train"], tokenizer, seq),
                   "calibration": pack_blocks(splits["calibration"], tokenizer, seq,
@@ -130,8 +136,8 @@ class Workspace:
         lib = BlockLibrary(root, key, blocks_hash(blocks["calibration"]), config)
         return cls(space=space, device=dev, model=teacher, tokenizer=tokenizer, key=key, blocks=blocks,
                    heldout=eval_set(blocks["heldout"][: max(1, budgets.eval_tokens // seq)]), real_text=real,
-                   library=lib, defaults=device_defaults,
-                   progress=progress)
+                   library=lib, defaults=device_defaults, progress=progress, corpus=corpus,
+                   held_groups=held_out_groups(corpus.dataset, splits))
 
     # -- configs ---------------------------------------------------------------------------
     def heal_config(self, tokens: int | None = None, **overrides) -> HealConfig:
@@ -149,14 +155,27 @@ class Workspace:
     # -- data --------------------------------------------------------------------------------
     @cached_property
     def healing_blocks(self) -> torch.Tensor:
-        """What healing trains on: a separate teacher corpus on GPU (``healing_corpus_tokens``), else
-        the train split (a small budget on CPU would not repeat it)."""
+        """What healing trains on: on GPU a separate corpus of ``healing_corpus_tokens`` from the same
+        sources and weights (the next seed; only prompts and documents of the train split, so nothing
+        held out feeds healing), else the train split (a small budget on CPU would not repeat it)."""
         n = self.defaults.healing_corpus_tokens
         if not n:
             return self.blocks["train"]
-        corpus = teacher_corpus(self.model, self.tokenizer, n, seed=self.space.data.seed + 1,
-                                batch_size=self.defaults.generate_batch_size, model_key=self.key)
-        return pack_blocks(corpus, self.tokenizer, self.space.data.seq_len)
+        if self._busy:  # the teacher writes the corpus: a student's samples would be another distribution
+            raise RuntimeError("the healing corpus must be drawn before the model becomes a student")
+        data = self.space.data
+        self.healing_corpus = build_corpus(data, self.model, self.tokenizer, model_key=self.key,
+                                           batch_size=self.defaults.generate_batch_size, n_tokens=n,
+                                           seed=data.seed + 1, train_only=True, exclude_groups=self.held_groups,
+                                           progress=self.progress)
+        return pack_blocks(self.healing_corpus.dataset, self.tokenizer, data.seq_len)
+
+    def data_sources(self) -> dict:
+        """What each source gave: the corpus split into train / calibration / held-out, and the healing
+        corpus: its own once built (None until healing needs it), or the corpus's train split."""
+        healing = (self.healing_corpus.describe() if self.healing_corpus
+                   else None if self.defaults.healing_corpus_tokens else "the corpus's train split")
+        return {"corpus": self.corpus.describe() if self.corpus else None, "healing": healing}
 
     def prefix_states(self) -> dict[str, PrefixStates]:
         """The teacher's hidden states on every held-out set (built once, while the model is the teacher)."""
@@ -249,6 +268,8 @@ class Student:
         self.transfers = ws.ensure_blocks(self.plan, self.library)
         if self.heal is None:
             ws.prefix_states()  # the teacher's states, for evaluate_assembled, while it is still the teacher
+        else:
+            ws.healing_blocks  # noqa: B018 - sampled from the teacher, before it becomes the student
         ws._busy = True
         try:
             self.handle = apply_plan(ws.model, self.plan, self.library)

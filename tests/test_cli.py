@@ -68,5 +68,5 @@ def test_heal_command_end_to_end_and_resume(tmp_path, tiny_dir):
     # healing on its own teacher corpus (the GPU default), cached under the cache folder
     own = run_cli(*args[:5], "--out", str(tmp_path / "own"), *args[7:], "--corpus-tokens", "400", env=env)
     assert own.returncode == 0, own.stderr
-    assert "healing corpus: 400 tokens sampled from the teacher" in own.stdout
+    assert "healing corpus: 400 tokens from the data sources" in own.stdout
     assert len(list((tmp_path / "cache" / "corpora").iterdir())) == 2

@@ -27,8 +27,8 @@ from lbsearch.tracking import ui_command
 
 REPO = Path(__file__).resolve().parents[1]
 SPACE_EXTRA = "search: {n_startup_trials: 4, rescore_top: 2}\n"
-ARTIFACTS = {"space.yaml", "sensitivity", "pareto.json", "pareto.csv", "pareto.png", "front.html",
-             "hypervolume.png", "export"}
+ARTIFACTS = {"space.yaml", "data_sources.json", "sensitivity", "pareto.json", "pareto.csv", "pareto.png",
+             "front.html", "hypervolume.png", "export"}
 
 
 def run_cli(*args, env, wait=True):
@@ -130,6 +130,11 @@ def test_complete_run_has_mlflow_parent_children_artifacts_and_the_storage_front
     assert len(finalists) == 2 and all("healed_kl" in k.data.metrics for k in finalists)
     index = json.loads((out / "export" / "plans" / "index.json").read_text())
     assert len(index["plans"]) == len(json.loads((out / "pareto.json").read_text())["front"])
+    sources = json.loads((out / "data_sources.json").read_text())  # each source named, with the tokens it gave
+    (source,) = sources["corpus"]["sources"]
+    assert source["kind"] == "file" and source["tokens"] > 0 and sources["healing"] == "the corpus's train split"
+    assert parent.data.params["data_sources.0.kind"] == "file"
+    assert int(parent.data.params["data_sources.0.tokens"]) == source["tokens"]
 
 
 @pytest.mark.slow

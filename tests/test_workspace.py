@@ -22,12 +22,13 @@ def live_tensor_bytes() -> int:
     seen, total = set(), 0
     for obj in gc.get_objects():
         if isinstance(obj, torch.Tensor):
-            try:
+            try:  # fake tensors (left by torch.compile in this process) have no data
                 storage = obj.untyped_storage()
+                ptr = storage.data_ptr()
             except RuntimeError:
                 continue
-            if storage.data_ptr() not in seen:
-                seen.add(storage.data_ptr())
+            if ptr not in seen:
+                seen.add(ptr)
                 total += storage.nbytes()
     return total
 

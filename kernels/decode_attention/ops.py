@@ -1,11 +1,11 @@
 """Backend dispatch for decode attention: "torch" (reference), "triton" (split_kv) or "auto"."""
 from __future__ import annotations
 
-import os
 from typing import Callable
 
 import torch
 
+from ..backend import resolve
 from .naive import decode_attention_naive
 
 ENV_VAR = "LBSEARCH_DECODE_ATTN_BACKEND"
@@ -22,17 +22,7 @@ BACKENDS: dict[str, Callable] = {"torch": decode_attention_naive, "triton": _tri
 
 def resolve_backend(backend: str | None, device: torch.device) -> str:
     """The backend name for tensors on ``device`` (``None``: the env var, else "auto")."""
-    name = (backend or os.environ.get(ENV_VAR) or "auto").lower()
-    if name == "auto":
-        try:
-            import triton  # noqa: F401
-            has_triton = True
-        except ImportError:
-            has_triton = False
-        name = "triton" if device.type == "cuda" and has_triton else "torch"
-    if name not in BACKENDS:
-        raise ValueError(f"unknown decode-attention backend {name!r}; choose from auto, {', '.join(BACKENDS)}")
-    return name
+    return resolve("decode-attention", ENV_VAR, backend, device)
 
 
 def decode_attention(q, k_cache, v_cache, seq_lens, scale: float | None = None, backend: str | None = None):

@@ -6,11 +6,11 @@ environment variable ``LBSEARCH_LSWA_BACKEND`` decides, defaulting to "auto".
 """
 from __future__ import annotations
 
-import os
 from typing import Callable, NamedTuple
 
 import torch
 
+from ..backend import resolve
 from .naive import LSWAState, lswa_decode_naive, lswa_naive, lswa_state_from_prefill
 
 ENV_VAR = "LBSEARCH_LSWA_BACKEND"
@@ -48,22 +48,9 @@ BACKENDS: dict[str, Backend] = {
 }
 
 
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def resolve_backend(backend: str | None, device: torch.device) -> str:
     """Name of the backend to use for tensors on ``device``."""
-    name = (backend or os.environ.get(ENV_VAR) or "auto").lower()
-    if name == "auto":
-        name = "triton" if device.type == "cuda" and _triton_available() else "torch"
-    if name not in BACKENDS:
-        raise ValueError(f"unknown LSWA backend {name!r}; choose from auto, {', '.join(BACKENDS)}")
-    return name
+    return resolve("LSWA", ENV_VAR, backend, device)
 
 
 def lswa(q, k, v, fq, fk, gate, window: int, sinks: int, scale: float | None = None,

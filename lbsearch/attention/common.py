@@ -112,3 +112,25 @@ class CountingCacheLayer(CacheLayerMixin):
 
     def nbytes(self) -> int:
         return 0
+
+
+RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"})
+
+
+def rms_norm_params(norm) -> tuple[torch.Tensor, float] | None:
+    """(weight, eps) of an HF RMSNorm the fused kernels compute exactly (``weight * x / rms(x)``); None for
+    any other module (the fused decode step calls such a module instead)."""
+    if type(norm).__name__ in RMS_NORMS and isinstance(getattr(norm, "weight", None), torch.Tensor):
+        return norm.weight, float(norm.variance_epsilon)
+    return None
+
+
+def qk_norm_params(attn) -> tuple[torch.Tensor | None, torch.Tensor | None, float] | None:
+    """(q weight, k weight, eps) of the per-head q/k norms (Qwen3), (None, None, 0) without them, None when
+    they are modules the fused kernels do not compute."""
+    if getattr(attn, "q_norm", None) is None:
+        return None, None, 0.0
+    q, k = rms_norm_params(attn.q_norm), rms_norm_params(attn.k_norm)
+    if q is None or k is None or q[1] != k[1]:
+        return None
+    return q[0], k[0], q[1]

@@ -14,7 +14,7 @@ from torch import nn
 from ..kernels.lswa import LSWAState, ops
 from .base import AttentionKind, SpecField
 from .common import (CountingCacheLayer, cache_layer, left_padding, out_projection, pick_cache, project_qkv,
-                     scale_of)
+                     qk_norm_params, scale_of)
 
 # sigmoid(4) = 0.982: untrained LSWA is mostly window + sinks softmax (StreamingLLM), with a small
 # linear share that the per-layer transfer then learns to use.
@@ -138,6 +138,25 @@ class LSWARunner:
         kv_heads = base.k_proj.out_features // base.head_dim
         self.st = LSWAState.empty(batch, kv_heads, base.head_dim, self.mod.feature_dim, self.mod.window,
                                   self.mod.sinks, like.dtype, like.device)
+        self.proj = base  # the module holding q/k/v/o_proj (the fused step projects)
+        self.heads, self.kv_heads = base.q_proj.out_features // base.head_dim, kv_heads
+        self._qk_norm = qk_norm_params(base)
+        self._gate = None  # sigmoid(gate_logit), taken when the fused step is built
+
+    def can_fuse(self) -> bool:
+        """Whether :meth:`fused_decode` computes this layer; takes the gate as it is now (like the fused
+        step's concatenated weights, it is read once: build the engine after training)."""
+        self._gate = torch.sigmoid(self.mod.gate_logit.detach()).contiguous()
+        return self._qk_norm is not None and type(self.mod.feature_map) is HedgehogFeatureMap
+
+    def fused_decode(self, qkv, step, ops):
+        """Attention output [B, H*D] from the fused projection qkv [B, (H + 2 Hkv) D]: RoPE (+ q/k norm) in
+        one op, the feature map of q and k in one op, then the fused LSWA decode kernel."""
+        qn, kn, eps = self._qk_norm
+        q, k, v = ops.rope_qkv(qkv, step.cos, step.sin, step.pos, self.heads, self.kv_heads, qn, kn, eps)
+        fq, fk = ops.feature_map(q, k, self.mod.feature_map.weight)
+        out = ops.lswa_decode(q, k, v, fq, fk, self._gate, self.st, scale_of(self.mod.base), self.mod.backend)
+        return out.to(qkv.dtype).flatten(1)
 
     def _inputs(self, x, cos_sin):
         q, k, v = project_qkv(self.mod.base, x, cos_sin)

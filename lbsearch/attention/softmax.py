@@ -8,7 +8,7 @@ from transformers.cache_utils import DynamicLayer
 
 from ..kernels.decode_attention import decode_attention
 from .base import AttentionKind
-from .common import out_projection, project_qkv, scale_of
+from .common import out_projection, project_qkv, qk_norm_params, scale_of
 
 
 def build(attn: nn.Module, spec) -> nn.Module:
@@ -24,6 +24,9 @@ class SoftmaxRunner:
         shape = (batch, kv_heads, max_len, self.attn.head_dim)
         self.k = torch.zeros(shape, dtype=like.dtype, device=like.device)
         self.v = torch.zeros_like(self.k)
+        self.proj = self.attn  # the module holding q/k/v/o_proj (the fused step projects)
+        self.heads, self.kv_heads = self.attn.q_proj.out_features // self.attn.head_dim, kv_heads
+        self._qk_norm = qk_norm_params(self.attn)
 
     def prefill(self, x, rows, cos_sin, start=None):
         """Rows ``rows`` of the cache from x [n, T, C]; ``start`` [n]: left pads per row (masked out
@@ -46,6 +49,18 @@ class SoftmaxRunner:
         self.v[rows, :, pos] = v[:, 0]
         out = decode_attention(q[:, 0], self.k, self.v, pos + 1, scale_of(self.attn))
         return self.attn.o_proj(out.reshape(x.shape[0], 1, -1))
+
+    def can_fuse(self) -> bool:
+        """Whether :meth:`fused_decode` computes this layer (its q/k norms, if any, are plain RMSNorms)."""
+        return self._qk_norm is not None
+
+    def fused_decode(self, qkv, step, ops):
+        """Attention output [B, H*D] from the fused projection qkv [B, (H + 2 Hkv) D]: RoPE (+ q/k norm) and
+        the cache write in one op, then split-KV decode attention; ``step``: (pos, lens, cos, sin)."""
+        qn, kn, eps = self._qk_norm
+        q = ops.rope_qkv_cache(qkv, step.cos, step.sin, step.pos, self.heads, self.kv_heads, self.k, self.v,
+                               qn, kn, eps)
+        return ops.decode_attention(q, self.k, self.v, step.lens, scale_of(self.attn)).flatten(1)
 
     def state(self) -> list[torch.Tensor]:
         return []  # rows past the prompt are rewritten by every decode, rows before by nobody

@@ -5,7 +5,6 @@ import argparse
 import shutil
 from pathlib import Path
 
-from ..errors import LBSearchError
 from ..recipe import HealConfig
 from .common import Command, add_common, check_positive, early_plan, model_name, open_workspace, out_dir
 
@@ -22,7 +21,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", type=int, help="healing budget in tokens (default: budgets.healing_tokens; "
                    "on CPU the space's cpu: section sets a small one)")
     p.add_argument("--library", metavar="DIR", help="block library folder (default: in the cache)")
-    p.add_argument("--corpus-tokens", type=int, help="heal on a separate teacher corpus of this many tokens "
+    p.add_argument("--corpus-tokens", type=int, help="heal on a separate corpus of this many tokens from the data sources "
                    "(default: data.healing_corpus_tokens on GPU; on CPU the corpus's train split)")
     p.add_argument("--transfer-steps", type=int,
                    help="per-layer transfer steps for missing blocks (default 300 on GPU, 50 on CPU)")
@@ -57,10 +56,8 @@ def run(args) -> None:
     ws = open_workspace(args, library=args.library, transfer=transfer, defaults=corpus)
     plan = ws.parse_plan(args.plan, args.plan)
     if ws.defaults.healing_corpus_tokens:
-        if ws.space.data.source != "teacher":
-            raise LBSearchError(f"--corpus-tokens needs data.source 'teacher' (the space has {ws.space.data.source!r})")
-        print(f"healing corpus: {ws.defaults.healing_corpus_tokens} tokens sampled from the teacher "
-              f"(seed {ws.space.data.seed + 1}; cached)", flush=True)
+        print(f"healing corpus: {ws.defaults.healing_corpus_tokens} tokens from the data sources "
+              f"(seed {ws.space.data.seed + 1}, train-split prompts and documents only; samples cached)", flush=True)
     cfg = ws.heal_config(args.tokens, **overrides)
     if args.no_resume:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
@@ -73,7 +70,7 @@ def run(args) -> None:
         state = session.heal_state
         report = {"plan": str(plan), "config_tokens": cfg.tokens, "tokens": state.tokens, "seconds": state.seconds,
                   "tokens_per_s": state.tokens / max(state.seconds, 1e-9), "curve": state.evals,
-                  "final_loss": state.losses[-1] if state.losses else None,
+                  "final_loss": state.losses[-1] if state.losses else None, "data_sources": ws.data_sources(),
                   **{name: {k: q[name].to_dict() for k, q in (("teacher", teacher), ("before", before),
                                                                ("after", after))} for name in teacher}}
         save_healed(model, plan, cfg, out / "healed", report)

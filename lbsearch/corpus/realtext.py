@@ -1,0 +1,81 @@
+"""Held-out real text (``data.eval_sources``) and the rule that keeps it out of training corpora."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from ..errors import LBSearchError
+from .files import file_corpus
+
+
+def python_docs(max_chars: int = 4_000_000) -> list[str]:
+    """Docstrings over 200 characters of this Python's public standard-library modules (parsed with
+    ``ast``, never imported), in a fixed pseudo-random order (by content hash) so any prefix samples
+    the whole library: real technical English on every machine with Python, offline.
+
+    Evaluation text only: it must never enter a training corpus (see :func:`check_training_source`).
+    """
+    import ast
+
+    docs = []
+    for path in sorted(stdlib_dir().glob("*.py")):
+        if path.name.startswith("_"):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, OSError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) > 200:
+                    docs.append(doc)
+    docs.sort(key=lambda d: hashlib.sha256(d.encode()).digest())
+    out, total = [], 0
+    for doc in docs:
+        if total >= max_chars:
+            break
+        out.append(doc)
+        total += len(doc)
+    return out
+
+
+def stdlib_dir() -> Path:
+    import sysconfig
+
+    return Path(sysconfig.get_paths()["stdlib"]).resolve()
+
+
+# Named held-out real-text sources (data.eval_sources); anything else is a local file or folder.
+EVAL_SOURCES = {"python-docs": python_docs}
+
+
+def eval_texts(source: str, text_field: str = "text", max_chars: int = 4_000_000) -> list[str]:
+    """Documents of a held-out evaluation source: a name in EVAL_SOURCES, or a local file/folder."""
+    if source in EVAL_SOURCES:
+        return EVAL_SOURCES[source](max_chars)
+    if not Path(source).exists():
+        raise LBSearchError(f"data.eval_sources: {source!r} is neither a local file/folder nor one of "
+                            f"{', '.join(EVAL_SOURCES)}")
+    return list(file_corpus(source, text_field, key="data.eval_sources")["text"])
+
+
+def _overlaps(a: Path, b: Path) -> bool:
+    return a == b or a in b.parents or b in a.parents
+
+
+def check_training_source(source: str, key: str = "data.source", eval_sources: tuple[str, ...] = ()) -> None:
+    """Refuse training text taken from the Python standard library (evaluation sets are drawn there)
+    or from a local evaluation source: evaluation text never feeds training."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        return
+    here = path.resolve()
+    if _overlaps(here, stdlib_dir()):
+        raise LBSearchError(f"{key}: {source!r}: the Python standard library is evaluation text "
+                            "(python-docs) and may not be trained on")
+    for other in eval_sources:
+        if other not in EVAL_SOURCES and Path(other).expanduser().exists() \
+                and _overlaps(here, Path(other).expanduser().resolve()):
+            raise LBSearchError(f"{key}: {source!r}: overlaps the evaluation source {other!r} "
+                                "(data.eval_sources); evaluation text may not be trained on")

@@ -1,0 +1,20 @@
+"""benchmarks/bench_decode_step.py in its CPU smoke mode: every section runs and the JSON holds its rows."""
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+
+def test_smoke(tmp_path):
+    import bench_decode_step as bench
+
+    result = bench.main(["--smoke", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "decode_step.json").read_text())
+    assert len(saved["step"]) == 5 * 2 and {r["engine"] for r in saved["step"]} == {"eager", "fused"}
+    assert all(r["step_ms"] > 0 and r["floor_ms"] > 0 for r in saved["step"])
+    assert len(result["serving"]) == 5
+    base = [r for r in result["serving"] if r["plan_name"] == "base"][0]
+    assert base["fused_x_base"] == 1.0 and base["floor_x_base"] == 1.0 and base["fused_over_eager"] > 0
+    assert bench.plans_for(16)["all-lswa-but-2"] == "SS" + "L64" * 14
+    assert bench.plans_for(30)["third-softmax"].count("S") == 10

@@ -1,0 +1,131 @@
+"""The fused decode step (lbsearch.fused) computes what the eager step does: every kind in every family,
+ragged prompts, greedy and seeded sampling, token for token; a projection or norm the fused ops cannot
+compute exactly (a LoRA wrapper, another norm) is called as the model's module instead."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import FAMILIES, tiny_model
+
+from lbsearch import Plan, apply_plan
+from lbsearch.engine import DecodeEngine
+
+# every kind in every family, lswa with and without sinks (as test_engine_sampling)
+PLANS = {"llama": "SL8NS", "mistral": "L8s2f8SNS", "qwen2": "SNL8S", "qwen3": "L8s0L8NS"}
+SAMPLED = dict(temperature=0.9, top_p=0.9, top_k=20)
+
+
+def prompts_of(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, 96, (n,), generator=g).tolist() for n in lengths]
+
+
+def randomize(model):
+    """Non-default LSWA parameters, so the fused step must read the trained ones."""
+    g = torch.Generator().manual_seed(3)
+    for layer in model.model.layers:
+        if hasattr(layer.self_attn, "new_parameters"):
+            for p in layer.self_attn.new_parameters().values():
+                p.data.add_(torch.randn(p.shape, generator=g) * 0.5)
+
+
+def step_logits(engine, prompts, steps=3):
+    """Logits of the step after ``steps`` greedy decode steps from ``prompts``."""
+    engine.configure()
+    engine.prefill(prompts)
+    engine.decode(steps)
+    return engine._logits()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fused_equals_eager(family):
+    plan = Plan.parse(PLANS[family])
+    model = tiny_model(family, layers=len(plan))
+    prompts = prompts_of((5, 23, 12, 1, 17))
+    with apply_plan(model, plan):
+        randomize(model)
+        eager, fused = DecodeEngine(model, 6, 48, prefill_rows=3, fused=False), DecodeEngine(model, 6, 48, prefill_rows=3)
+        counts = fused.decoder.fused_counts()
+        assert counts["attention_fused"] == counts["attention_layers"] == counts["qkv_one_gemm"] == 3
+        assert counts["gate_up_one_gemm"] == len(plan)
+        assert fused.generate(prompts, 16) == eager.generate(prompts, 16)
+        for seed in (0, 1):
+            assert fused.generate(prompts, 16, seed=seed, **SAMPLED) == eager.generate(prompts, 16, seed=seed, **SAMPLED)
+        a, b = step_logits(fused, prompts[:5] + [[7]]), step_logits(eager, prompts[:5] + [[7]])
+    assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_lora_wrapped_projections_are_called_not_concatenated():
+    from lbsearch.distill import HealConfig, add_lora
+
+    model = tiny_model("llama", layers=4)
+    prompts = prompts_of((9, 4, 14), seed=1)
+    with apply_plan(model, Plan.parse("SL8NS")):
+        add_lora(model, HealConfig(lora_rank=2, lora_mlp=True))
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # LoRA starts as a no-op: make it count
+                p.data.normal_(0, 0.3, generator=torch.Generator().manual_seed(len(name)))
+        fused, eager = DecodeEngine(model, 3, 40), DecodeEngine(model, 3, 40, fused=False)
+        counts = fused.decoder.fused_counts()
+        assert counts["qkv_one_gemm"] == 0 and counts["gate_up_one_gemm"] == 0 and counts["attention_fused"] == 3
+        assert fused.generate(prompts, 12) == eager.generate(prompts, 12)
+        bare = [layer for layer in model.model.layers]
+        assert all(type(layer.self_attn).__name__ != "Linear" for layer in bare)
+
+
+def test_other_norms_and_activations_run_as_modules():
+    """A norm the fused ops do not know and a non-SiLU activation: called as they are, same tokens."""
+    from torch import nn
+
+    class ScaledNorm(nn.Module):  # not an HF RMSNorm: the fused step must call it
+        def __init__(self, norm):
+            super().__init__()
+            self.norm = norm
+
+        def forward(self, x):
+            return self.norm(x) * 1.5
+
+    model = tiny_model("qwen2", layers=3)
+    model.model.layers[1].post_attention_layernorm = ScaledNorm(model.model.layers[1].post_attention_layernorm)
+    model.model.layers[2].mlp.act_fn = nn.GELU()
+    prompts = prompts_of((6, 11), seed=2)
+    with apply_plan(model, Plan.parse("SL8N")):
+        fused, eager = DecodeEngine(model, 2, 30), DecodeEngine(model, 2, 30, fused=False)
+        assert fused.decoder.layers[1].post_norm.params is None and not fused.decoder.layers[2].mlp.silu
+        assert fused.generate(prompts, 10) == eager.generate(prompts, 10)
+        assert torch.allclose(step_logits(fused, prompts), step_logits(eager, prompts), atol=1e-5)
+
+
+_TRITON_ENGINE = """
+import sys, torch
+sys.path.insert(0, "tests")
+from conftest import tiny_model
+from lbsearch import Plan, apply_plan
+from lbsearch.engine import DecodeEngine
+model = tiny_model("qwen3", layers=4)
+prompts = [[5, 9, 2, 7, 1], [3] * 12, [8, 4]]
+with apply_plan(model, Plan.parse("SL8s2f8NS")):
+    ref = DecodeEngine(model, 3, 30, fused=False).generate(prompts, 8)  # torch references (backends set below)
+    import os
+    from lbsearch.kernels.lswa import ops
+    for var in ("LBSEARCH_FUSED_BACKEND", "LBSEARCH_DECODE_ATTN_BACKEND"):
+        os.environ[var] = "triton"
+    ops.BACKENDS["torch"] = ops.Backend(ops.BACKENDS["torch"].prefill, ops.BACKENDS["triton"].decode)  # decode only
+    engine = DecodeEngine(model, 3, 30)
+    got = engine.generate(prompts, 8)
+assert got == ref, (got, ref)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's check; on CUDA the GPU tests run it compiled")
+def test_fused_engine_with_triton_kernels_in_the_interpreter():
+    """The fused step with every Triton kernel (Triton's interpreter, fresh process) = the eager step."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LBSEARCH_") or k == "LBSEARCH_CACHE"}
+    done = subprocess.run([sys.executable, "-c", _TRITON_ENGINE], env={**env, "TRITON_INTERPRET": "1"},
+                          capture_output=True, text=True, timeout=300, check=False,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
