@@ -317,3 +317,18 @@ def test_the_healing_draw_skips_excluded_groups(model, tokenizer, cache_home):
     again = build_corpus(data({"source": "teacher-prompts", **SHORT}, corpus_tokens=60), model, tokenizer,
                          train_only=True, exclude_groups=frozenset({first}), progress=False)
     assert first not in set(again.dataset["group"])
+
+
+def test_the_first_prompts_drawn_spread_over_every_split(tokenizer):
+    """The prompts' drawing order is independent of the split: any prefix of it (what a small corpus
+    draws) has its share of train, calibration and held-out prompts."""
+    from collections import Counter
+
+    from lbsearch.corpus.sources import DrawContext, answers_request, resolve
+    from lbsearch.corpus.splits import split_of
+
+    src = resolve(data({"source": "teacher-prompts"}).sources[0], "data.sources[0]")
+    for seed in (0, 1):
+        request = answers_request(src, DrawContext(None, tokenizer, seed=seed))
+        first = Counter(split_of(g, seed, 0.25, 0.25) for g in request.groups[:200])
+        assert 25 <= first["heldout"] <= 75 and 25 <= first["calibration"] <= 75 and first["train"] >= 70, first

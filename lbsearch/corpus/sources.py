@@ -75,7 +75,8 @@ def answers_request(src: Source, ctx: DrawContext) -> Request:
     name, o = src.options["prompts"], src.options
     groups = [f"prompt:{name}:{i}" for i in range(len(prompt_set(name)))]
     chosen = [i for i, g in enumerate(groups) if ctx.keep is None or ctx.keep(g)]
-    chosen.sort(key=lambda i: bucket(groups[i], ctx.seed))
+    # an order hash of its own: sorting by the split's hash would put the first prompts all in held-out
+    chosen.sort(key=lambda i: bucket(f"order:{groups[i]}", ctx.seed))
     if not chosen:
         raise LBSearchError(f"{src.key}: no prompt of set {name!r} falls in the train split")
     texts = [prompt_set(name)[i].text for i in chosen]
