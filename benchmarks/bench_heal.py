@@ -64,6 +64,12 @@ RUNS = {
     "uniform-T2": Run("uniform", heal=dict(temperature=2.0)),
     "uniform-w256": Run("uniform", spec=dict(window=256)),
     "remove-r64": Run("remove", heal=dict(lora_rank=64, lora_alpha=128)),
+    "threshold-full": Run("threshold", heal=dict(tune="full")),
+    "uniform-full": Run("uniform", heal=dict(tune="full")),
+    "uniform-full-lr2e-4": Run("uniform", heal=dict(tune="full", full_lr=2e-4)),
+    "remove-full": Run("remove", heal=dict(tune="full")),
+    "threshold-L2048": Run("threshold", heal=dict(seq_len=2048, batch_size=8)),
+    "uniform-L2048": Run("uniform", heal=dict(seq_len=2048, batch_size=8)),
 }
 
 

@@ -65,5 +65,16 @@ def pack_blocks(ds, tokenizer, seq_len: int, max_tokens: int | None = None) -> t
     return torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
+def reblock(blocks: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Packed ``blocks`` cut again at ``seq_len`` (packing is one stream cut into blocks, so this
+    equals packing the same text at ``seq_len``, less the remainder)."""
+    if seq_len == blocks.shape[1]:
+        return blocks
+    n = blocks.numel() // seq_len
+    if n == 0:
+        raise LBSearchError(f"not enough text for one block of {seq_len} tokens ({blocks.numel()} tokens)")
+    return blocks.flatten()[: n * seq_len].view(n, seq_len)
+
+
 def blocks_hash(blocks: torch.Tensor) -> str:
     return hashlib.sha256(blocks.cpu().numpy().tobytes()).hexdigest()[:12]

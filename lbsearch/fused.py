@@ -7,9 +7,12 @@ Built once per engine from the model as the plan left it (its trained parameters
   module is called and the outputs concatenated, so the fused step never computes something else.
   The copies are taken once: build the engine after the weights are final.
 * **Glue ops** (:mod:`lbsearch.kernels.fused_decode`): residual add + RMSNorm as one op, RoPE (+ the
-  per-head q/k norm, + the KV-cache write for softmax layers) as one op, silu(gate) * up as one op,
-  the LSWA feature map of q and k as one op. A norm or activation the ops do not compute exactly
-  is called as the model's own module.
+  per-head q/k norm, + the KV-cache write for softmax layers) as one op, silu(gate) * up as one op.
+  A norm or activation the ops do not compute exactly is called as the model's own module.
+* **LSWA**: the Hedgehog feature map of q and k is computed inside the LSWA decode kernel
+  (``lswa_decode_fmap``: RoPE, then one kernel). ``LBSEARCH_FUSED_LSWA_FMAP=0`` (or
+  ``eager_ops(fmap_in_decode=False)``) selects the earlier path, the feature map as its own op before
+  the decode kernel, to measure against.
 * **Attention cores** come from each kind's runner (``fused_decode``); a kind without one runs its
   eager ``decode`` on the normed hidden state.
 
@@ -20,6 +23,7 @@ through ``torch.library`` custom ops and leaves the elementwise glue to inductor
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -52,16 +56,29 @@ class Ops:
     feature_map: Callable
     decode_attention: Callable
     lswa_decode: Callable
+    lswa_decode_fmap: Callable | None = None  # None: feature_map, then lswa_decode
 
 
-def eager_ops() -> Ops:
+FMAP_ENV_VAR = "LBSEARCH_FUSED_LSWA_FMAP"
+
+
+def use_fmap_kernel(choice: bool | None = None) -> bool:
+    """Whether LSWA layers map features inside the decode kernel: ``choice``, else the environment
+    variable ``LBSEARCH_FUSED_LSWA_FMAP`` ("0" / "false": no), else yes."""
+    if choice is not None:
+        return choice
+    return os.environ.get(FMAP_ENV_VAR, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def eager_ops(fmap_in_decode: bool | None = None) -> Ops:
     from .kernels import fused_decode as fd
     from .kernels.decode_attention import decode_attention
-    from .kernels.lswa import lswa_decode
+    from .kernels.lswa import lswa_decode, lswa_decode_fmap
 
     return Ops(fd.rmsnorm, fd.add_rmsnorm, fd.silu_mul, fd.rope_qkv, fd.rope_qkv_cache, fd.feature_map,
                decode_attention, lambda q, k, v, fq, fk, gate, st, scale, backend=None:
-               lswa_decode(q, k, v, fq, fk, gate, st, scale, backend=backend))
+               lswa_decode(q, k, v, fq, fk, gate, st, scale, backend=backend),
+               lswa_decode_fmap if use_fmap_kernel(fmap_in_decode) else None)
 
 
 def _plain(*mods) -> bool:
@@ -166,7 +183,9 @@ class FusedDecoder:
         att = [lay for lay in self.layers if lay.runner is not None]
         return {"layers": len(self.layers), "attention_fused": sum(lay.fused_attn for lay in att),
                 "attention_layers": len(att), "qkv_one_gemm": sum(lay.fused_attn and lay.qkv.fused for lay in att),
-                "gate_up_one_gemm": sum(lay.mlp.split and lay.mlp.gate_up.fused for lay in self.layers)}
+                "gate_up_one_gemm": sum(lay.mlp.split and lay.mlp.gate_up.fused for lay in self.layers),
+                "lswa_fmap_in_decode": sum(bool(lay.fused_attn and hasattr(lay.runner, "fmap_in_decode")
+                                                and lay.runner.fmap_in_decode(self.ops)) for lay in att)}
 
     def __call__(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         step = Step(pos, pos + 1, self.cos, self.sin)

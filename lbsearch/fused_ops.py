@@ -13,11 +13,12 @@ from typing import Optional  # noqa: UP035 - custom_op schema inference on older
 import torch
 from torch import Tensor
 
-from .fused import Ops
+from .fused import Ops, use_fmap_kernel
 from .kernels import fused_decode as fd
 from .kernels.decode_attention import decode_attention as _decode_attention
 from .kernels.lswa import LSWAState
 from .kernels.lswa import lswa_decode as _lswa_decode
+from .kernels.lswa import lswa_decode_fmap as _lswa_decode_fmap
 from .kernels.top_p import top_p_wide_rows as _top_p_wide_rows
 
 LIB = "lbsearch"
@@ -72,6 +73,19 @@ def _(q, k, v, fq, fk, gate, sink_k, sink_v, ring_k, ring_v, ring_fk, lin_s, lin
     return torch.empty_like(q)
 
 
+@torch.library.custom_op(f"{LIB}::lswa_decode_fmap", mutates_args=STATE)
+def lswa_decode_fmap(q: Tensor, k: Tensor, v: Tensor, weight: Tensor, gate: Tensor, sink_k: Tensor, sink_v: Tensor,
+                     ring_k: Tensor, ring_v: Tensor, ring_fk: Tensor, lin_s: Tensor, lin_z: Tensor, pos: Tensor,
+                     scale: float) -> Tensor:
+    state = LSWAState(sink_k, sink_v, ring_k, ring_v, ring_fk, lin_s, lin_z, pos)
+    return _lswa_decode_fmap(q, k, v, weight, gate, state, scale)
+
+
+@lswa_decode_fmap.register_fake
+def _(q, k, v, weight, gate, sink_k, sink_v, ring_k, ring_v, ring_fk, lin_s, lin_z, pos, scale):
+    return torch.empty_like(q)
+
+
 @torch.library.custom_op(f"{LIB}::top_p_wide_rows", mutates_args=("tokens",))
 def top_p_wide_rows(probs: Tensor, log_u: Tensor, fits: Tensor, tokens: Tensor, bound: int) -> None:
     _top_p_wide_rows(probs, log_u, fits, tokens, bound)
@@ -86,8 +100,12 @@ def _lswa(q, k, v, fq, fk, gate, st: LSWAState, scale, backend=None):
     return lswa_decode(q, k, v, fq, fk, gate, *(getattr(st, n) for n in STATE), scale)
 
 
-def compile_ops() -> Ops:
+def _lswa_fmap(q, k, v, weight, gate, st: LSWAState, scale, backend=None):
+    return lswa_decode_fmap(q, k, v, weight, gate, *(getattr(st, n) for n in STATE), scale)
+
+
+def compile_ops(fmap_in_decode: bool | None = None) -> Ops:
     """Ops for a compiled step: the Triton kernels as custom ops, norms / RoPE without a cache write /
     the MLP activation as the PyTorch references (inductor fuses them with their neighbours)."""
     return Ops(fd.rmsnorm_naive, fd.add_rmsnorm_naive, fd.silu_mul_naive, fd.rope_qkv_naive, rope_qkv_cache,
-               feature_map, decode_attention, _lswa)
+               feature_map, decode_attention, _lswa, _lswa_fmap if use_fmap_kernel(fmap_in_decode) else None)

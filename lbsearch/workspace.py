@@ -18,8 +18,9 @@ import torch
 from .attention import ORIGINAL
 from .cost import CostTable, ModelShape, spec_key, target_table
 from .corpus.splits import held_out_groups
-from .data import Corpus, blocks_hash, build_corpus, check_sources, eval_texts, pack_blocks, split_corpus
-from .distill import BlockLibrary, add_lora, heal, remove_lora, trainable_pairs
+from .data import (Corpus, blocks_hash, build_corpus, check_sources, eval_texts, pack_blocks, reblock,
+                   split_corpus)
+from .distill import BlockLibrary, add_tuning, heal, remove_tuning, trainable_pairs
 from .errors import LBSearchError
 from .evaluate import PrefixStates, Quality, TeacherLogits, evaluate, teacher_logits
 from .io import cache_dir
@@ -248,8 +249,8 @@ class Student:
     """``with workspace.student(plan, heal) as model:`` — the teacher turned into the student.
 
     On entry: missing library blocks are trained, the plan is applied with them, and with
-    ``heal`` LoRA adapters are added and the model is distilled (``heal_state`` tells how). On
-    exit, also after an exception: adapters removed, original attention modules put back; the
+    ``heal`` the tuning (LoRA adapters or full weights) is added and the model is distilled (``heal_state`` tells how). On
+    exit, also after an exception: tuning removed, original attention modules put back; the
     teacher's weights were never written, so it is bit-identical to before.
     """
 
@@ -274,9 +275,10 @@ class Student:
         try:
             self.handle = apply_plan(ws.model, self.plan, self.library)
             if self.heal is not None:
-                add_lora(ws.model, self.heal)
+                add_tuning(ws.model, self.heal)
                 evaluate = (lambda: {k: q.to_dict() for k, q in ws.evaluate().items()}) if self.evaluator else None
-                self.heal_state = heal(ws.model, self.handle, ws.healing_blocks, self.heal, self.checkpoints,
+                blocks = reblock(ws.healing_blocks, self.heal.seq_len or ws.space.data.seq_len)
+                self.heal_state = heal(ws.model, self.handle, blocks, self.heal, self.checkpoints,
                                        resume=self.resume, progress=ws.progress, evaluator=evaluate)
         except BaseException:
             self._restore()
@@ -287,7 +289,7 @@ class Student:
         self._restore()
 
     def _restore(self) -> None:
-        remove_lora(self.ws.model)
+        remove_tuning(self.ws.model)
         if self.handle is not None:
             self.handle.restore()
         self.ws.model.requires_grad_(False)

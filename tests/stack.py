@@ -348,8 +348,25 @@ class Stack:
                 return child.pid
         raise StackError("the second Ray node has no raylet")
 
+    def lose_ray_node(self) -> list[int]:
+        """SIGKILL every process of the second Ray node at once, its workers included (the machine
+        is lost; killing the raylet alone leaves its workers a moment to finish a task and reply to
+        the driver directly); returns their PIDs."""
+        import psutil
+
+        node = psutil.Process(self.procs["ray_node"].pid)
+        self._remember()
+        doomed = node.children(recursive=True)
+        if not any(p.name() == "raylet" for p in doomed):
+            raise StackError("the second Ray node has no raylet")
+        for proc in doomed:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.send_signal(signal.SIGKILL)
+        psutil.wait_procs(doomed, timeout=30)
+        return [p.pid for p in doomed]
+
     def start_ray_node(self, timeout: float = 60.0) -> None:
-        """Start the second Ray node again (after kill_ray_node_raylet) and wait until it is healthy."""
+        """Start the second Ray node again (after lose_ray_node or kill_ray_node_raylet) and wait until it is healthy."""
         old = self.procs.get("ray_node")
         if old is not None:
             old.wait(timeout=timeout)  # `ray start --block` takes the lost node's processes down first

@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+from safetensors import safe_open
 from conftest import tiny_model
 
 from lbsearch.cli import build_parser
@@ -67,7 +68,13 @@ def test_heal_command_end_to_end_and_resume(tmp_path, tiny_dir):
     bad = run_cli("heal", "--space", str(space), "--plan", "SLNNN", "--out", str(out), env=env)
     assert bad.returncode == 2 and "the model has 3" in bad.stderr and "Traceback" not in bad.stderr
     # healing on its own teacher corpus (the GPU default), cached under the cache folder
-    own = run_cli(*args[:5], "--out", str(tmp_path / "own"), *args[7:], "--corpus-tokens", "400", env=env)
+    # and with the projections' weights fully tuned instead of adapters
+    own = run_cli(*args[:5], "--out", str(tmp_path / "own"), *args[7:], "--corpus-tokens", "400", "--tune", "full",
+                  "--full-lr", "1e-4", env=env)
     assert own.returncode == 0, own.stderr
     assert "healing corpus: 400 tokens from the data sources" in own.stdout
+    config = json.loads((tmp_path / "own" / "healed" / "heal.json").read_text())["config"]
+    assert config["tune"] == "full" and config["full_lr"] == 1e-4
+    with safe_open(str(tmp_path / "own" / "healed" / "weights.safetensors"), "pt") as f:
+        assert "model.layers.0.self_attn.q_proj.weight" in f.keys() and not any("lora_" in k for k in f.keys())
     assert len(list((tmp_path / "cache" / "corpora").iterdir())) == 2

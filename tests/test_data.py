@@ -5,7 +5,7 @@ import torch
 from conftest import tiny_model
 
 from lbsearch import LBSearchError
-from lbsearch.data import file_corpus, load_corpus, pack_blocks, split_corpus, teacher_corpus
+from lbsearch.data import file_corpus, load_corpus, pack_blocks, reblock, split_corpus, teacher_corpus
 from lbsearch.space import DataConfig
 
 
@@ -107,6 +107,14 @@ def test_pack_blocks_joins_documents_with_eos(tokenizer, corpus_files):
     assert pack_blocks(ds, tokenizer, seq_len=32, max_tokens=70).shape == (2, 32)
     with pytest.raises(LBSearchError, match="not enough text"):
         pack_blocks(ds.select([0]), tokenizer, seq_len=4096)
+    # cut again at another length: what packing at that length gives, less the remainder
+    for length in (64, 16, 32):
+        again = reblock(blocks, length)
+        assert again.shape == (blocks.numel() // length, length)
+        assert torch.equal(again.flatten(), pack_blocks(ds, tokenizer, seq_len=length).flatten()[: again.numel()])
+    assert reblock(blocks, 32) is blocks
+    with pytest.raises(LBSearchError, match="not enough text for one block of 100000"):
+        reblock(blocks, 100_000)
 
 
 def test_teacher_answers_split_by_prompt(tokenizer, cache_home):

@@ -1,9 +1,12 @@
 """The fused decode step (lbsearch.fused) computes what the eager step does: every kind in every family,
 ragged prompts, greedy and seeded sampling, token for token; a projection or norm the fused ops cannot
-compute exactly (a LoRA wrapper, another norm) is called as the model's module instead."""
+compute exactly (a LoRA wrapper, another norm) is called as the model's module instead; LSWA layers map
+features inside the decode kernel (one op fewer per layer than the feature map as its own op)."""
+import dataclasses
 import os
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 import torch
@@ -50,6 +53,7 @@ def test_fused_equals_eager(family):
         counts = fused.decoder.fused_counts()
         assert counts["attention_fused"] == counts["attention_layers"] == counts["qkv_one_gemm"] == 3
         assert counts["gate_up_one_gemm"] == len(plan)
+        assert counts["lswa_fmap_in_decode"] == plan.count("lswa")
         assert fused.generate(prompts, 16) == eager.generate(prompts, 16)
         for seed in (0, 1):
             assert fused.generate(prompts, 16, seed=seed, **SAMPLED) == eager.generate(prompts, 16, seed=seed, **SAMPLED)
@@ -98,6 +102,54 @@ def test_other_norms_and_activations_run_as_modules():
         assert torch.allclose(step_logits(fused, prompts), step_logits(eager, prompts), atol=1e-5)
 
 
+def count_ops(engine, steps=2) -> Counter:
+    """Calls of each fused op over ``steps`` decode steps (after a prefill)."""
+    calls, ops = Counter(), engine.decoder.ops
+
+    def counted(name, fn):
+        def run(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return run
+
+    engine.decoder.ops = dataclasses.replace(ops, **{f.name: counted(f.name, getattr(ops, f.name))
+                                                     for f in dataclasses.fields(ops) if getattr(ops, f.name)})
+    try:
+        engine.configure()
+        engine.prefill(prompts_of((4, 9, 13), seed=4))
+        engine.decode(steps)
+    finally:
+        engine.decoder.ops = ops
+    return calls
+
+
+def test_lswa_feature_map_inside_the_decode_kernel(monkeypatch):
+    """Per LSWA layer and step: RoPE and one decode op that maps features (was: RoPE, feature map, decode);
+    the earlier path stays selectable (LBSEARCH_FUSED_LSWA_FMAP=0) and both give the eager step's tokens."""
+    from lbsearch.fused import FMAP_ENV_VAR
+
+    plan = Plan.parse("L8s2f8L8s0f16SL8s1")
+    model = tiny_model("qwen3", layers=len(plan))
+    prompts = prompts_of((5, 23, 12), seed=5)
+    with apply_plan(model, plan):
+        randomize(model)
+        eager = DecodeEngine(model, 3, 48, fused=False).generate(prompts, 14)
+        new = DecodeEngine(model, 3, 48)
+        monkeypatch.setenv(FMAP_ENV_VAR, "0")
+        old = DecodeEngine(model, 3, 48)
+        assert new.decoder.fused_counts()["lswa_fmap_in_decode"] == 3
+        assert old.decoder.fused_counts()["lswa_fmap_in_decode"] == 0
+        assert new.generate(prompts, 14) == eager and old.generate(prompts, 14) == eager
+        n_new, n_old = count_ops(new), count_ops(old)
+    steps, lswa = 2, 3
+    assert n_new["rope_qkv"] == n_old["rope_qkv"] == steps * lswa
+    assert n_old - n_new == Counter(feature_map=steps * lswa, lswa_decode=steps * lswa)
+    assert n_new - n_old == Counter(lswa_decode_fmap=steps * lswa)
+    attention = ("rope_qkv", "feature_map", "lswa_decode", "lswa_decode_fmap")
+    per_layer = [sum(n[k] for k in attention) / (steps * lswa) for n in (n_old, n_new)]
+    assert per_layer == [3, 2]  # ops (kernels on CUDA) per LSWA layer and step
+
+
 _TRITON_ENGINE = """
 import sys, torch
 sys.path.insert(0, "tests")
@@ -112,10 +164,13 @@ with apply_plan(model, Plan.parse("SL8s2f8NS")):
     from lbsearch.kernels.lswa import ops
     for var in ("LBSEARCH_FUSED_BACKEND", "LBSEARCH_DECODE_ATTN_BACKEND"):
         os.environ[var] = "triton"
-    ops.BACKENDS["torch"] = ops.Backend(ops.BACKENDS["torch"].prefill, ops.BACKENDS["triton"].decode)  # decode only
+    tri = ops.BACKENDS["triton"]  # decode only: the fused step's LSWA kernels (feature map inside and not)
+    ops.BACKENDS["torch"] = ops.BACKENDS["torch"]._replace(decode=tri.decode, decode_fmap=tri.decode_fmap)
     engine = DecodeEngine(model, 3, 30)
     got = engine.generate(prompts, 8)
-assert got == ref, (got, ref)
+    os.environ["LBSEARCH_FUSED_LSWA_FMAP"] = "0"
+    two_ops = DecodeEngine(model, 3, 30).generate(prompts, 8)
+assert got == ref and two_ops == ref, (got, two_ops, ref)
 print("ok")
 """
 

@@ -1,5 +1,6 @@
 """GPU paths of the fused step: fused and compiled steps captured in the CUDA graph equal the eager step,
-and the fused step stays within the issue's kernel budget per decoder layer (``pytest -m gpu``)."""
+the fused step stays within the issue's kernel budget per decoder layer, and the LSWA feature map inside
+the decode kernel saves one kernel per LSWA layer (``pytest -m gpu``)."""
 import pytest
 import torch
 from conftest import FAMILIES, tiny_model
@@ -76,3 +77,47 @@ def test_kernels_per_layer_within_budget():
             fake_fill(engine, 300)
             counts = count_kernels(engine)
         assert counts["per_layer"] <= 10, (plan, counts)
+
+
+def test_lswa_fmap_kernel_one_kernel_fewer_per_layer(monkeypatch):
+    """The feature map inside the LSWA decode kernel: same greedy tokens as the earlier path (feature map
+    as its own kernel, LBSEARCH_FUSED_LSWA_FMAP=0) and the eager step under CUDA graphs, bf16 logits as
+    close, and exactly one CUDA kernel fewer per LSWA layer (SmolLM2-135M's layer shape)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from bench_decode_step import count_kernels
+    from transformers import AutoConfig
+
+    from lbsearch.engine import DecodeEngine
+    from lbsearch.fused import FMAP_ENV_VAR
+    from lbsearch.profile import SHAPES, fake_fill, random_model
+
+    model = tiny_model("qwen3", layers=4).cuda()
+    with apply_plan(model, Plan.parse("L8s2f8L8s0f16SL8s1")):
+        new = DecodeEngine(model, 6, 80).generate(PROMPTS, 24)
+        monkeypatch.setenv(FMAP_ENV_VAR, "0")
+        old = DecodeEngine(model, 6, 80).generate(PROMPTS, 24)
+        monkeypatch.delenv(FMAP_ENV_VAR)
+        assert new == old == DecodeEngine(model, 6, 80, fused=False).generate(PROMPTS, 24)
+
+    shape = {**SHAPES["smollm2-135m"], "num_hidden_layers": 6}
+    cfg = AutoConfig.for_model("llama", attn_implementation="sdpa", **shape)
+    model = random_model(cfg, torch.bfloat16, "cuda")
+    counts, logits = {}, {}
+    with apply_plan(model, Plan.parse("L64" * 6)):
+        for fmap in ("1", "0"):
+            monkeypatch.setenv(FMAP_ENV_VAR, fmap)
+            engine = DecodeEngine(model, 32, 400, graph=False)
+            assert engine.decoder.fused_counts()["lswa_fmap_in_decode"] == (6 if fmap == "1" else 0)
+            fake_fill(engine, 300)
+            counts[fmap] = count_kernels(engine)
+            engine.configure()
+            engine.prefill(torch.randint(0, cfg.vocab_size, (32, 100), generator=torch.Generator().manual_seed(0)))
+            engine.decode(5)
+            logits[fmap] = engine._logits().float()
+    new, old = counts["1"]["per_layer"], counts["0"]["per_layer"]
+    assert abs(old - new - 1) < 1e-9 and new <= 10, counts
+    err = (logits["1"] - logits["0"]).norm() / logits["0"].norm()
+    assert err < 1e-2, err

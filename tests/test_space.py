@@ -112,6 +112,8 @@ def test_cpu_section_merges_over_the_space(tmp_path):
     ("heal: {lora_rnk: 8}", "heal: unknown key 'lora_rnk'; allowed: batch_size"),
     ("heal: {tokens: 8}", "unknown key 'tokens'"),
     ("heal: {teacher: disk}", "teacher='disk'; allowed: auto, cached, online"),
+    ("heal: {tune: adapters}", "tune='adapters'; allowed: lora, full"),
+    ("heal: {full_lr: 50}", "full_lr must be a number in [0, 10]"),
     ("transfer: {steps: many}", "transfer: steps: Input should be a valid integer"),
     ("budgets: {healing_tokens: 1e30}", "budgets.healing_tokens"),
     ("target: {device: tpu}", "target.device: unknown device 'tpu'; allowed: local, h200"),

@@ -332,17 +332,19 @@ def test_lbsearch_run_as_a_ray_job(stack, storage, tiny_space, tmp_path):
 
 
 def test_run_survives_losing_a_ray_node_mid_trial(stack, storage, tiny_space, tmp_path):
-    """SIGKILL the second node's raylet while its worker holds a plan: the plan goes to the head's
-    worker, the run finishes with every trial once."""
+    """Lose the second node (SIGKILL all its processes) while its worker holds a plan: the plan goes
+    to the head's worker, the run finishes with every trial once."""
     out, name, hold = tmp_path / "run", "run-node-loss", tmp_path / "hold"
     job = RunJob(stack, name, tmp_path / "job.log", run_args(stack, out, name, tiny_space, 16, "--finalists", "0"),
                  {HOLD_ENV: str(hold)})
     try:
         wait_complete(storage, name, 3, job)
         hold_workers(hold, job)
+        held = {int(mark.suffix[1:]) for mark in hold.parent.glob(hold.name + ".*")}
         node = stack.procs["ray_node"]
-        stack.kill_ray_node_raylet()
+        lost = stack.lose_ray_node()
         node.wait(timeout=60)
+        assert held & set(lost), f"no held worker on the lost node: held {held}, lost {lost}"
         hold.unlink()
         rc, log = job.wait()
     finally:

@@ -54,20 +54,37 @@ def test_five_students_in_a_row_leave_the_teacher_bit_identical(ws, tmp_path):
     plans = ["SL8NL16", "NNSS", "L8L8L8L8", "SNL16N", "L16SSN"]
     sizes = []
     for i, text in enumerate(plans):
-        heal = ws.heal_config(128) if i % 2 else None
+        heal = ws.heal_config(128, tune="full" if i == 3 else "lora") if i % 2 else None
         session = ws.student(Plan.parse(text), heal)
         with session as model:
             out = model(ids).logits
             assert not torch.equal(out, ref)
             if heal:
                 assert session.heal_state.tokens == 128  # one step of 4 blocks of 32
-                assert any("lora_" in n for n, _ in model.named_parameters())
+                assert any("lora_" in n for n, _ in model.named_parameters()) == (heal.tune == "lora")
         assert torch.equal(ws.model(ids).logits, ref), text
         assert sorted(n for n, _ in ws.model.named_parameters()) == names
         assert sum(p.numel() for p in ws.model.parameters()) == n_params
         assert not any(p.requires_grad for p in ws.model.parameters())
         sizes.append(live_tensor_bytes())
     assert sizes[-1] <= sizes[1] + 2**20, sizes  # nothing accumulates after the first plans warmed up
+
+
+def test_heal_seq_len_trains_on_longer_blocks(ws, monkeypatch):
+    import lbsearch.workspace as workspace
+
+    shapes, real = [], workspace.heal
+    monkeypatch.setattr(workspace, "heal", lambda model, handle, blocks, *a, **kw:
+                        shapes.append(tuple(blocks.shape)) or real(model, handle, blocks, *a, **kw))
+    train = ws.healing_blocks.numel()
+    for seq_len, want in ((0, 32), (64, 64)):
+        session = ws.student(Plan.parse("SL8NS"), ws.heal_config(128, seq_len=seq_len, batch_size=1, grad_accum=2))
+        with session:
+            assert session.heal_state.tokens == 128
+        assert shapes[-1] == (train // want, want)
+    with pytest.raises(LBSearchError, match="not enough text for one block"):
+        ws.student(Plan.parse("SL8NS"), ws.heal_config(128, seq_len=10 * train)).__enter__()
+    assert not ws._busy
 
 
 def test_student_restores_when_the_body_raises(ws):

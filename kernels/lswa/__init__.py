@@ -18,11 +18,12 @@ first real tokens: S_i = {s <= j < s + sinks} U {max(s, i - window + 1) <= j <= 
 L_i = {s + sinks <= j <= i - window} with s = start[b]; pad queries (i < s) output 0.
 
 Implementations: ``naive`` (PyTorch reference), ``chunk`` (Triton forward/backward, O(T)),
-``fused_recurrent`` (Triton decode step); ``ops.lswa`` / ``ops.lswa_decode`` dispatch between them.
+``fused_recurrent`` (Triton decode step), ``fused_fmap`` (the decode step with the Hedgehog feature
+map of q and k inside); ``ops.lswa`` / ``ops.lswa_decode`` / ``ops.lswa_decode_fmap`` dispatch.
 Triton is imported lazily, so this package works without it.
 """
-from .naive import LSWAState, lswa_decode_naive, lswa_naive, lswa_state_from_prefill
-from .ops import lswa, lswa_decode, resolve_backend
+from .naive import LSWAState, lswa_decode_fmap_naive, lswa_decode_naive, lswa_naive, lswa_state_from_prefill
+from .ops import lswa, lswa_decode, lswa_decode_fmap, resolve_backend
 
-__all__ = ["LSWAState", "lswa", "lswa_decode", "lswa_decode_naive", "lswa_naive",
-           "lswa_state_from_prefill", "resolve_backend"]
+__all__ = ["LSWAState", "lswa", "lswa_decode", "lswa_decode_fmap", "lswa_decode_fmap_naive", "lswa_decode_naive",
+           "lswa_naive", "lswa_state_from_prefill", "resolve_backend"]

@@ -38,26 +38,11 @@ def _step(qt, kt, vt, mask, m, l, acc, SCALE2, PREC: tl.constexpr):
 
 
 @triton.jit
-def _decode_kernel(q, k, v, fq, fk, gate, sink_k, sink_v, ring_k, ring_v, ring_fk, lin_s, lin_z,
-                   pos, tickets, o, SCALE2, W, S,
-                   H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, F: tl.constexpr,
-                   BG: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BW: tl.constexpr,
-                   BS: tl.constexpr, PREC: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
-    hk = tl.program_id(1).to(tl.int64)
-    grp = H // HKV
-    bh = b * HKV + hk
-    p = tl.load(pos + b)
-    slot = p % W
-    rg, rd, rf = tl.arange(0, BG), tl.arange(0, BD), tl.arange(0, BF)
-    gok, dok, fok = rg < grp, rd < D, rf < F
-    heads = hk * grp + rg
-    qt = tl.load(q + (b * H + heads)[:, None] * D + rd[None, :], mask=gok[:, None] & dok[None, :],
-                 other=0.0).to(ring_k.dtype.element_ty)
-    k_new = tl.load(k + bh * D + rd, mask=dok, other=0.0).to(ring_k.dtype.element_ty)
-    v_new = tl.load(v + bh * D + rd, mask=dok, other=0.0).to(ring_v.dtype.element_ty)
-    fk_new = tl.load(fk + bh * F + rf, mask=fok, other=0.0)
-
+def _softmax_part(qt, k_new, v_new, sink_k, sink_v, ring_k, ring_v, bh, p, slot, W, S, gok, rd, dok, SCALE2,
+                  D: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr, BW: tl.constexpr, BS: tl.constexpr,
+                  PREC: tl.constexpr):
+    """(m, l, acc): online softmax of the query block qt over the sinks outside the window and the ring,
+    with the new token substituted into its slot (reads only: the caller writes the state)."""
     m = tl.full([BG], float("-inf"), tl.float32)
     l = tl.zeros([BG], tl.float32)
     acc = tl.zeros([BG, BD], tl.float32)
@@ -78,6 +63,49 @@ def _decode_kernel(q, k, v, fq, fk, gate, sink_k, sink_v, ring_k, ring_v, ring_f
         vr = tl.where(is_new, v_new[None, :], tl.load(ring_v + off, mask=lmask, other=0.0))
         ok = (r < W) & (r <= p)
         m, l, acc = _step(qt, kr, vr, ok[None, :] & gok[:, None], m, l, acc, SCALE2, PREC)
+    return m, l, acc
+
+
+@triton.jit
+def _write_token(k_new, v_new, sink_k, sink_v, ring_k, ring_v, pos, tickets, b, bh, p, slot, W, S, rd, dok,
+                 D: tl.constexpr, HKV: tl.constexpr):
+    """The new token into its ring slot (and its sink slot while pos < sinks); pos[b] += 1 by the last of
+    the sequence's HKV programs. Call after a barrier: the old slot must have been read by every thread."""
+    tl.store(ring_k + (bh * W + slot) * D + rd, k_new, mask=dok)
+    tl.store(ring_v + (bh * W + slot) * D + rd, v_new, mask=dok)
+    if S > 0:
+        sink_row = (bh * S + p) * D + rd
+        is_sink = dok & ((rd * 0 + p) < S)  # tensor masks: the interpreter rejects scalar ones
+        tl.store(sink_k + sink_row, k_new.to(sink_k.dtype.element_ty), mask=is_sink)
+        tl.store(sink_v + sink_row, v_new.to(sink_v.dtype.element_ty), mask=is_sink)
+    # every program read pos before taking its ticket (acq_rel), so nobody can still need the old value
+    if tl.atomic_add(tickets + b, 1, sem="acq_rel") == HKV - 1:
+        tl.store(pos + b, p + 1)
+        tl.store(tickets + b, 0)
+
+
+@triton.jit
+def _decode_kernel(q, k, v, fq, fk, gate, sink_k, sink_v, ring_k, ring_v, ring_fk, lin_s, lin_z,
+                   pos, tickets, o, SCALE2, W, S,
+                   H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, F: tl.constexpr,
+                   BG: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BW: tl.constexpr,
+                   BS: tl.constexpr, PREC: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    hk = tl.program_id(1).to(tl.int64)
+    grp = H // HKV
+    bh = b * HKV + hk
+    p = tl.load(pos + b)
+    slot = p % W
+    rg, rd, rf = tl.arange(0, BG), tl.arange(0, BD), tl.arange(0, BF)
+    gok, dok, fok = rg < grp, rd < D, rf < F
+    heads = hk * grp + rg
+    qt = tl.load(q + (b * H + heads)[:, None] * D + rd[None, :], mask=gok[:, None] & dok[None, :],
+                 other=0.0).to(ring_k.dtype.element_ty)
+    k_new = tl.load(k + bh * D + rd, mask=dok, other=0.0).to(ring_k.dtype.element_ty)
+    v_new = tl.load(v + bh * D + rd, mask=dok, other=0.0).to(ring_v.dtype.element_ty)
+    fk_new = tl.load(fk + bh * F + rf, mask=fok, other=0.0)
+    m, l, acc = _softmax_part(qt, k_new, v_new, sink_k, sink_v, ring_k, ring_v, bh, p, slot, W, S, gok, rd,
+                              dok, SCALE2, D, BG, BD, BW, BS, PREC)
 
     # fold the token leaving the window (j = p - W) into the linear state unless it is a sink.
     # (Loading this state before the softmax part keeps it live across it: spills, measured slower.)
@@ -99,22 +127,12 @@ def _decode_kernel(q, k, v, fq, fk, gate, sink_k, sink_v, ring_k, ring_v, ring_f
              mask=gok[:, None] & dok[None, :])
 
     tl.debug_barrier()  # every read of the old slot is done before it is overwritten
-    tl.store(ring_k + (bh * W + slot) * D + rd, k_new, mask=dok)
-    tl.store(ring_v + (bh * W + slot) * D + rd, v_new, mask=dok)
     tl.store(ring_fk + (bh * W + slot) * F + rf, fk_new.to(ring_fk.dtype.element_ty), mask=fok)
-    if S > 0:
-        sink_row = (bh * S + p) * D + rd
-        is_sink = dok & ((rd * 0 + p) < S)  # tensor masks: the interpreter rejects scalar ones
-        tl.store(sink_k + sink_row, k_new.to(sink_k.dtype.element_ty), mask=is_sink)
-        tl.store(sink_v + sink_row, v_new.to(sink_v.dtype.element_ty), mask=is_sink)
     fold_rows = fok & ((rf * 0 + p - W) >= S)
     tl.store(lin_s + st_off, ls, mask=st_mask & fold_rows[:, None])
     tl.store(lin_z + bh * F + rf, lz, mask=fold_rows)
-    # pos[b] += 1 by the last of the sequence's HKV programs: every program read pos before
-    # taking its ticket (acq_rel), so nobody can still need the old value
-    if tl.atomic_add(tickets + b, 1, sem="acq_rel") == HKV - 1:
-        tl.store(pos + b, p + 1)
-        tl.store(tickets + b, 0)
+    _write_token(k_new, v_new, sink_k, sink_v, ring_k, ring_v, pos, tickets, b, bh, p, slot, W, S, rd, dok,
+                 D, HKV)
 
 
 _TICKETS: dict[tuple[torch.device, int], torch.Tensor] = {}

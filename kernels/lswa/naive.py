@@ -153,6 +153,17 @@ def lswa_decode_naive(q, k, v, fq, fk, gate, state: LSWAState, scale: float | No
     return (num / den).view(b, h, d).to(q.dtype)
 
 
+def lswa_decode_fmap_naive(q, k, v, weight, gate, state: LSWAState, scale: float | None = None):
+    """One decode step from q [B,H,D], k/v [B,Hkv,D] and the Hedgehog feature map's weight [Hkv, D, F/2]:
+    fq / fk = [softmax(x W_h), softmax(-x W_h)] in float32 (W_h = weight[h // group]), then
+    :func:`lswa_decode_naive`. The reference of the fused kernel that does both in one pass (it is the
+    two ops the engine ran before)."""
+    from ..fused_decode.naive import feature_map_naive
+
+    fq, fk = feature_map_naive(q, k, weight)
+    return lswa_decode_naive(q, k, v, fq, fk, gate, state, scale)
+
+
 def _gather_tokens(x, idx, ok):
     """x [B, T, Hkv, X] at per-row token indices idx [B, N] -> [B, Hkv, N, X], zero where not ok."""
     rows = torch.arange(x.shape[0], device=x.device)[:, None]

@@ -1,6 +1,6 @@
 """Public LSWA entry points with backend dispatch.
 
-``backend``: "torch" (the naive reference), "triton" (chunk.py / fused_recurrent.py) or "auto"
+``backend``: "torch" (the naive reference), "triton" (chunk.py / fused_recurrent.py / fused_fmap.py) or "auto"
 (Triton when the tensors are on CUDA and Triton imports, else torch). With ``backend=None`` the
 environment variable ``LBSEARCH_LSWA_BACKEND`` decides, defaulting to "auto".
 """
@@ -11,7 +11,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from ..backend import resolve
-from .naive import LSWAState, lswa_decode_naive, lswa_naive, lswa_state_from_prefill
+from .naive import LSWAState, lswa_decode_fmap_naive, lswa_decode_naive, lswa_naive, lswa_state_from_prefill
 
 ENV_VAR = "LBSEARCH_LSWA_BACKEND"
 
@@ -19,6 +19,7 @@ ENV_VAR = "LBSEARCH_LSWA_BACKEND"
 class Backend(NamedTuple):
     prefill: Callable
     decode: Callable
+    decode_fmap: Callable  # decode with the Hedgehog feature map of q and k computed inside
 
 
 def _torch_prefill(q, k, v, fq, fk, gate, window, sinks, scale, return_state, start):
@@ -42,9 +43,15 @@ def _triton_decode(q, k, v, fq, fk, gate, state, scale):
     return lswa_decode_fused(q, k, v, fq, fk, gate, state, scale)
 
 
+def _triton_decode_fmap(q, k, v, weight, gate, state, scale):
+    from .fused_fmap import lswa_decode_fmap_fused
+
+    return lswa_decode_fmap_fused(q, k, v, weight, gate, state, scale)
+
+
 BACKENDS: dict[str, Backend] = {
-    "torch": Backend(_torch_prefill, lswa_decode_naive),
-    "triton": Backend(_triton_prefill, _triton_decode),
+    "torch": Backend(_torch_prefill, lswa_decode_naive, lswa_decode_fmap_naive),
+    "triton": Backend(_triton_prefill, _triton_decode, _triton_decode_fmap),
 }
 
 
@@ -71,3 +78,11 @@ def lswa_decode(q, k, v, fq, fk, gate, state: LSWAState, scale: float | None = N
     """One decode step for a batch; updates ``state`` in place and returns q's-shaped output."""
     impl = BACKENDS[resolve_backend(backend, q.device)]
     return impl.decode(q, k, v, fq, fk, gate, state, scale)
+
+
+def lswa_decode_fmap(q, k, v, weight, gate, state: LSWAState, scale: float | None = None,
+                     backend: str | None = None):
+    """:func:`lswa_decode` with fq / fk the Hedgehog features of q / k under ``weight`` [Hkv, D, F/2]
+    (``lbsearch.attention.lswa.HedgehogFeatureMap``), computed inside the decode step."""
+    impl = BACKENDS[resolve_backend(backend, q.device)]
+    return impl.decode_fmap(q, k, v, weight, gate, state, scale)

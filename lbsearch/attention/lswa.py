@@ -149,13 +149,22 @@ class LSWARunner:
         self._gate = torch.sigmoid(self.mod.gate_logit.detach()).contiguous()
         return self._qk_norm is not None and type(self.mod.feature_map) is HedgehogFeatureMap
 
+    def fmap_in_decode(self, ops) -> bool:
+        """Whether :meth:`fused_decode` with ``ops`` computes the feature map inside the decode kernel."""
+        return ops.lswa_decode_fmap is not None
+
     def fused_decode(self, qkv, step, ops):
         """Attention output [B, H*D] from the fused projection qkv [B, (H + 2 Hkv) D]: RoPE (+ q/k norm) in
-        one op, the feature map of q and k in one op, then the fused LSWA decode kernel."""
+        one op, then one LSWA decode kernel that also maps q and k to features (or, with ops that lack
+        it, the feature map as one op and then the decode kernel)."""
         qn, kn, eps = self._qk_norm
         q, k, v = ops.rope_qkv(qkv, step.cos, step.sin, step.pos, self.heads, self.kv_heads, qn, kn, eps)
-        fq, fk = ops.feature_map(q, k, self.mod.feature_map.weight)
-        out = ops.lswa_decode(q, k, v, fq, fk, self._gate, self.st, scale_of(self.mod.base), self.mod.backend)
+        weight, scale = self.mod.feature_map.weight, scale_of(self.mod.base)
+        if self.fmap_in_decode(ops):
+            out = ops.lswa_decode_fmap(q, k, v, weight, self._gate, self.st, scale, self.mod.backend)
+        else:
+            fq, fk = ops.feature_map(q, k, weight)
+            out = ops.lswa_decode(q, k, v, fq, fk, self._gate, self.st, scale, self.mod.backend)
         return out.to(qkv.dtype).flatten(1)
 
     def _inputs(self, x, cos_sin):

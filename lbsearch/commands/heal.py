@@ -10,6 +10,7 @@ from .common import Command, add_common, check_positive, early_plan, model_name,
 
 # flag -> HealConfig field; a flag left out keeps the space's heal: section or the recipe default
 FLAGS = {"batch_size": "batch_size", "grad_accum": "grad_accum", "lr": "lr", "lora_rank": "lora_rank",
+         "tune": "tune", "full_lr": "full_lr", "seq_len": "seq_len",
          "teacher": "teacher", "temperature": "temperature", "ce_weight": "ce_weight",
          "attn_mse_weight": "attn_mse_weight", "checkpoint_tokens": "checkpoint_tokens", "eval_every": "eval_tokens"}
 
@@ -25,11 +26,17 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    "(default: data.healing_corpus_tokens on GPU; on CPU the corpus's train split)")
     p.add_argument("--transfer-steps", type=int,
                    help="per-layer transfer steps for missing blocks (default 300 on GPU, 50 on CPU)")
+    p.add_argument("--seq-len", type=int, help="training block length in tokens (default: data.seq_len); "
+                   "held-out quality stays at data.seq_len")
     p.add_argument("--batch-size", type=int, help="blocks per micro-batch (default 32 on GPU, 4 on CPU)")
     p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
     p.add_argument("--lr", type=float, help="learning rate of the new attention parameters (default 1e-3)")
     p.add_argument("--lora-rank", type=int, help="LoRA rank on the projections (default 16; 0: none)")
-    p.add_argument("--no-lora-mlp", action="store_true", help="LoRA on the attention projections only")
+    p.add_argument("--no-lora-mlp", action="store_true",
+                   help="LoRA (or full tuning) on the attention projections only")
+    p.add_argument("--tune", choices=["lora", "full"],
+                   help="train LoRA adapters on the projections (default) or the projections' weights themselves")
+    p.add_argument("--full-lr", type=float, help="learning rate of fully tuned weights (--tune full; default 5e-5)")
     p.add_argument("--teacher", choices=["auto", "cached", "online"],
                    help="teacher targets: every step (online), top-k once per block (cached), or cached "
                         "when the budget repeats blocks (auto, the default)")
@@ -44,7 +51,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def run(args) -> None:
     from ..export import save_healed
 
-    check_positive(args, "tokens", "transfer_steps", "batch_size", "grad_accum", "checkpoint_tokens", "corpus_tokens")
+    check_positive(args, "tokens", "transfer_steps", "batch_size", "grad_accum", "checkpoint_tokens", "corpus_tokens",
+                   "seq_len")
     plan = early_plan(args, args.plan)  # bad plans and recipes fail here, before the teacher loads
     overrides = {field: getattr(args, flag) for flag, field in FLAGS.items() if getattr(args, flag) is not None}
     if args.no_lora_mlp:

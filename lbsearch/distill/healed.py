@@ -1,4 +1,5 @@
-"""Healed folders: a healed plan's trained tensors (new attention parameters + LoRA), its plan
+"""Healed folders: a healed plan's trained tensors (new attention parameters + LoRA or fully tuned
+weights), its plan
 and a report (``save_healed``); ``load_healed`` puts them back onto a freshly loaded teacher.
 Export turns them into deployable models (:mod:`lbsearch.export`)."""
 from __future__ import annotations
@@ -14,7 +15,8 @@ from ..io import atomic_write_json, save_tensors
 from ..plan import Plan
 from ..recipe import HealConfig
 from ..surgery import SurgeryHandle, apply_plan
-from .healing import add_lora, trainable_parameters
+from .healing import trainable_parameters
+from .tuning import add_tuning
 
 HEALED_FILES = ("plan.json", "heal.json", "weights.safetensors")
 
@@ -44,7 +46,7 @@ def load_healed(model, path: str | Path) -> SurgeryHandle:
     plan = Plan.load(path / "plan.json")
     cfg = HealConfig(**json.loads((path / "heal.json").read_text())["config"])
     handle = apply_plan(model, plan)
-    add_lora(model, cfg)
+    add_tuning(model, cfg)
     tensors = load_file(str(path / "weights.safetensors"))
     params = trainable_parameters(model)
     missing = sorted(set(params) - set(tensors))

@@ -1,5 +1,6 @@
-"""Global healing: distil the modified model from the teacher (the same weights with the plan and
-adapters switched off), training only the new LSWA parameters and LoRA adapters.
+"""Global healing: distil the modified model from the teacher (the same model with the plan and
+the tuning switched off), training the new LSWA parameters and LoRA adapters or, with
+``tune="full"``, the projections' weights themselves (:mod:`lbsearch.distill.tuning`).
 
 The teacher's targets are either computed every step ("online", full vocabulary) or once per
 training block as top-k log-probabilities ("cached"). When the budget passes over the data more
@@ -25,77 +26,42 @@ from ..evaluate import TeacherLogits, kl_from_logprobs, topk_of
 from ..surgery import SurgeryHandle, trainable_modules
 from ..recipe import HealConfig
 from .checkpoints import Checkpoints, HealState
-
-def add_lora(model, cfg: HealConfig) -> None:
-    """Inject LoRA adapters (peft) into the attention (and optionally MLP) projections still in the model."""
-    if cfg.lora_rank <= 0:
-        return
-    from peft import LoraConfig, inject_adapter_in_model
-
-    config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
-                        target_modules=cfg.lora_targets(), bias="none")
-    torch.manual_seed(cfg.seed)
-    inject_adapter_in_model(config, model)
-
-
-def remove_lora(model) -> int:
-    """Undo :func:`add_lora`: every adapter-wrapped projection goes back to its original module.
-
-    The wrapped base layers are the original objects with unchanged weights, so the model is
-    exactly what it was before. Returns how many modules were unwrapped.
-    """
-    wrapped = [(name, m) for name, m in model.named_modules() if _is_tuner(m)]
-    for name, module in wrapped:
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, module.get_base_layer())
-    if "peft_config" in vars(model):
-        del model.peft_config
-    return len(wrapped)
-
-
-def _is_tuner(module) -> bool:
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    return isinstance(module, BaseTunerLayer)
-
-
-def _tuner_layers(model):
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+from .tuning import fully_tuned, teacher_weights, tuner_layers
 
 
 def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
-    """New LSWA parameters and LoRA weights, by name; everything else is frozen."""
+    """New LSWA parameters, LoRA weights and fully tuned weights, by name; everything else frozen."""
     model.requires_grad_(False)
-    names = {}
-    for idx, module in trainable_modules(model).items():
-        for name, p in module.new_parameters().items():
-            names[id(p)] = True
+    train = fully_tuned(model)
+    for module in trainable_modules(model).values():
+        train.update(id(p) for p in module.new_parameters().values())
     params = {}
     for name, p in model.named_parameters():
-        if id(p) in names or "lora_" in name:
+        if id(p) in train or "lora_" in name:
             p.requires_grad_(True)
             params[name] = p
     return params
 
 
 class teacher_mode:
-    """Context: the plan suspended and adapters off, so the model is exactly the teacher."""
+    """Context: the plan suspended, adapters off and fully tuned weights swapped for their originals,
+    so the model is exactly the teacher."""
 
     def __init__(self, model, handle: SurgeryHandle):
         self.model, self.handle = model, handle
 
     def __enter__(self):
-        self._suspend = self.handle.suspended()
+        self._suspend, self._weights = self.handle.suspended(), teacher_weights(self.model)
         self._suspend.__enter__()
-        for m in _tuner_layers(self.model):
+        self._weights.__enter__()
+        for m in tuner_layers(self.model):
             m.enable_adapters(False)
         return self.model
 
     def __exit__(self, *exc):
-        for m in _tuner_layers(self.model):
+        for m in tuner_layers(self.model):
             m.enable_adapters(True)
+        self._weights.__exit__(*exc)
         self._suspend.__exit__(*exc)
 
 
@@ -195,6 +161,15 @@ class AttnOutputs:
             h.remove()
 
 
+def param_groups(params: dict[str, torch.nn.Parameter], full: set[int], cfg: HealConfig) -> list[dict]:
+    """AdamW groups, each at its own learning rate: new attention parameters, LoRA, fully tuned weights."""
+    kinds = {"new": [], "lora": [], "full": []}
+    for name, p in params.items():
+        kinds["full" if id(p) in full else "lora" if "lora_" in name else "new"].append(p)
+    lrs = {"new": cfg.lr, "lora": cfg.lora_lr, "full": cfg.full_lr}
+    return [{"params": kinds[k], "lr": lrs[k], "base_lr": lrs[k]} for k in kinds if kinds[k] or k == "new"]
+
+
 class HealStep:
     """One optimizer step: teacher targets, student forward, loss, backward, clipped AdamW update."""
 
@@ -203,12 +178,7 @@ class HealStep:
         self.model, self.handle, self.cfg, self.params = model, handle, cfg, params
         self.source = source or ("online" if cfg.teacher == "auto" else cfg.teacher)
         self.device = next(model.parameters()).device
-        new = [p for n, p in params.items() if "lora_" not in n]
-        lora = [p for n, p in params.items() if "lora_" in n]
-        groups = [{"params": new, "lr": cfg.lr, "base_lr": cfg.lr}]
-        if lora:
-            groups.append({"params": lora, "lr": cfg.lora_lr, "base_lr": cfg.lora_lr})
-        self.opt = torch.optim.AdamW(groups, weight_decay=0.0)
+        self.opt = torch.optim.AdamW(param_groups(params, fully_tuned(model), cfg), weight_decay=0.0)
         self.attn = AttnOutputs(model, handle) if cfg.attn_mse_weight > 0 else None
         self.autocast = dict(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
 
