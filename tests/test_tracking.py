@@ -281,3 +281,23 @@ def test_mlflow_ui_rest_api_lists_parent_children_and_artifacts(sqlite_run):
         with urllib.request.urlopen(f"{base}/artifacts/list?run_id={parent_id}&path=pareto", timeout=30) as resp:
             files = {f["path"] for f in json.load(resp)["files"]}
         assert files == {"pareto/pareto.json", "pareto/front.html"}
+
+
+def test_a_locked_store_queues_in_one_line_without_a_traceback(tmp_path, capfd, caplog):
+    """MLflow logs a store's SQL errors with a traceback; the tracker says them in one line and queues."""
+    import sqlite3
+
+    tracker = Tracker.open(None, tmp_path / "run", "lbsearch-test")
+    tracker.start_study("study-locked", PARAMS, storage=STORAGE)
+    capfd.readouterr()
+    lock = sqlite3.connect(tmp_path / "run" / "mlflow.db", timeout=0)
+    try:
+        lock.execute("BEGIN EXCLUSIVE")
+        assert not tracker.log_trial(0, result(*PLANS[0]), "COMPLETE", "w")
+    finally:
+        lock.rollback()
+        lock.close()
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and not [r for r in caplog.records if r.exc_info], err[-3000:]
+    assert "database is locked); queuing logging calls" in caplog.text
+    assert tracker.finish() and sorted(children(tracker.client, tracker.parent_id)) == [0]

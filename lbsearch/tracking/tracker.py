@@ -43,6 +43,12 @@ def _transient(exc: BaseException) -> bool:
     return isinstance(exc, (requests.RequestException, OSError))
 
 
+def _without_traceback(record: logging.LogRecord) -> bool:
+    """MLflow logs a store's SQL error with its traceback (and the chain of an interrupt it met)
+    before raising it; the tracker says it in one line and queues the call, so drop that record."""
+    return not record.exc_info
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -77,6 +83,7 @@ class Tracker:
 
         for name in ("mlflow.store.db.utils", "alembic.runtime.migration"):  # "Creating initial tables..."
             logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger("mlflow.store.db.utils").addFilter(_without_traceback)
         run_dir = Path(run_dir).resolve()
         run_dir.mkdir(parents=True, exist_ok=True)
         uri = uri or f"sqlite:///{run_dir / 'mlflow.db'}"
