@@ -29,7 +29,9 @@ from lbsearch.cost import ModelShape, kv_bytes_per_seq
 from lbsearch.engine import DecodeEngine
 from lbsearch.profile import Timer, fake_fill, random_model
 
-ENGINES = {"eager": dict(fused=False), "fused": dict(fused=True), "compiled": dict(fused=True, compile=True)}
+ENGINES = {"eager": dict(fused=False), "fused": dict(fused=True),
+           "fused-fmap-in": dict(fused=True, fmap_in_decode=True),  # the LSWA feature map inside its decode kernel
+           "compiled": dict(fused=True, compile=True)}
 
 
 def plans_for(layers: int) -> dict[str, str]:
@@ -102,11 +104,12 @@ def step_row(model, shape, name, plan, engine_name, args) -> dict:
         kernels = count_kernels(engine)
         ms = step_ms(engine, args.context, args.steps, args.repeats)
         compiled = engine.compiled
+        paths = engine.decoder.fused_counts() if engine.fused else None
     del engine
     floor = floor_ms(shape, plan, args.batch, args.context, args.bandwidth)
     return {"section": "step", "plan_name": name, "plan": str(plan), "engine": engine_name, "step_ms": ms,
             "floor_ms": floor, "step_over_floor": ms / floor, "kernels": kernels, "build_s": build_s,
-            "compiled": compiled, "batch": args.batch, "context": args.context}
+            "compiled": compiled, "fused_paths": paths, "batch": args.batch, "context": args.context}
 
 
 def serve(model, plan, engine_name, batch: int, prompt_len: int, output_len: int, repeats: int) -> dict:
@@ -130,27 +133,28 @@ def serve(model, plan, engine_name, batch: int, prompt_len: int, output_len: int
 
 # -- tables -------------------------------------------------------------------------------------
 def step_table(rows: list[dict]) -> str:
-    lines = [f"{'shape':13} {'plan':15} {'engine':9} {'step ms':>8} {'floor ms':>8} {'x floor':>7} "
+    lines = [f"{'shape':13} {'plan':15} {'engine':13} {'step ms':>8} {'floor ms':>8} {'x floor':>7} "
              f"{'kern/step':>9} {'kern/layer':>10} {'vs eager':>8}"]
     eager = {(r["shape"], r["plan_name"]): r["step_ms"] for r in rows if r["engine"] == "eager"}
     for r in rows:
         k = r["kernels"] or {}
         ref = eager.get((r["shape"], r["plan_name"]))
-        lines.append(f"{r['shape']:13} {r['plan_name']:15} {r['engine']:9} {r['step_ms']:8.3f} {r['floor_ms']:8.3f} "
+        lines.append(f"{r['shape']:13} {r['plan_name']:15} {r['engine']:13} {r['step_ms']:8.3f} {r['floor_ms']:8.3f} "
                      f"{r['step_over_floor']:7.2f} {k.get('per_step', ''):>9} "
                      f"{('%.1f' % k['per_layer']) if k else '':>10} {('%.2f' % (ref / r['step_ms'])) if ref else '':>8}")
     return "\n".join(lines)
 
 
 def serving_table(rows: list[dict]) -> str:
-    lines = [f"{'shape':13} {'prompt/out':10} {'plan':15} {'eager tok/s':>11} {'fused tok/s':>11} {'fused/eager':>11} "
-             f"{'eager x base':>12} {'fused x base':>12} {'floor x base':>12} {'fused/floor':>11}"]
+    engines = [e for e in ENGINES if any(f"{e}_tps" in r for r in rows)]
+    lines = [f"{'shape':13} {'prompt/out':10} {'plan':15} " + " ".join(f"{e + ' tok/s':>19} {e + ' x base':>20}"
+                                                                      for e in engines)
+             + f" {'floor x base':>12} {'fused/floor':>11}"]
+    nan = float("nan")
     for r in rows:
         lines.append(f"{r['shape']:13} {r['prompt_len']:>5}/{r['output_len']:<4} {r['plan_name']:15} "
-                     f"{r.get('eager_tps', float('nan')):11,.0f} {r.get('fused_tps', float('nan')):11,.0f} "
-                     f"{r.get('fused_over_eager', float('nan')):11.2f} {r.get('eager_x_base', float('nan')):12.2f} "
-                     f"{r.get('fused_x_base', float('nan')):12.2f} {r['floor_x_base']:12.2f} "
-                     f"{r.get('fused_over_floor', float('nan')):11.2f}")
+                     + " ".join(f"{r.get(f'{e}_tps', nan):19,.0f} {r.get(f'{e}_x_base', nan):20.2f}" for e in engines)
+                     + f" {r['floor_x_base']:12.2f} {r.get('fused_over_floor', nan):11.2f}")
     return "\n".join(lines)
 
 
@@ -208,7 +212,7 @@ def add_ratios(rows: list[dict]) -> None:
     base = {(r["shape"], r["prompt_len"]): r for r in rows if r["plan_name"] == "base"}
     for r in rows:
         b = base.get((r["shape"], r["prompt_len"]))
-        for e in ("eager", "fused"):
+        for e in ENGINES:
             if b and f"{e}_tps" in r and f"{e}_tps" in b:
                 r[f"{e}_x_base"] = r[f"{e}_tps"] / b[f"{e}_tps"]
         if "fused_tps" in r and "eager_tps" in r:
@@ -222,7 +226,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default=os.environ.get("OUT", "runs/bench_decode_step"))
     p.add_argument("--shapes", nargs="+", default=["llama-3.2-1b", "smollm2-135m"])
     p.add_argument("--plans", nargs="*", default=[], help=f"plan names (default all): {', '.join(plans_for(16))}")
-    p.add_argument("--engines", nargs="+", default=list(ENGINES), choices=list(ENGINES))
+    p.add_argument("--engines", nargs="+", default=["eager", "fused", "compiled"], choices=list(ENGINES))
     p.add_argument("--compile-plans", nargs="*", default=["base"], help="plans the compiled engine runs ('all')")
     p.add_argument("--batch", type=int, default=200)
     p.add_argument("--context", type=int, default=1152)

@@ -6,7 +6,8 @@ CPU:  python benchmarks/bench_heal.py --device cpu --tokens 4096 --runs threshol
 Plans: threshold = the paper's heuristic on the measured sensitivity table (10 none, 10 lswa,
 layers 0-1 pinned softmax); remove = the same 10 layers removed, the rest softmax; uniform = every
 layer lswa but 0 and 1. A run is a plan plus changes (LSWA spec, transfer, healing config); see
-RUNS. One Workspace serves every run: each plan's student gives the teacher back exactly. Quality
+RUNS; a run changes the packaged space's healing recipe (its ``heal:`` section), which ``threshold``,
+``remove`` and ``uniform`` use as it is. One Workspace serves every run: each plan's student gives the teacher back exactly. Quality
 is measured on held-out teacher text and on held-out real text (python-docs: standard-library
 docstrings). Full reports go to $OUT/bench_heal.json; a short table is printed last.
 """
@@ -17,7 +18,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -69,6 +70,10 @@ RUNS = {
     "uniform-full-lr2e-4": Run("uniform", heal=dict(tune="full", full_lr=2e-4)),
     "remove-full": Run("remove", heal=dict(tune="full")),
     "threshold-L2048": Run("threshold", heal=dict(seq_len=2048, batch_size=8)),
+    # the recipe before the study (LoRA rank 16, 512-token blocks), beside today's default
+    "threshold-r16-L512": Run("threshold", heal=dict(lora_rank=16, lora_alpha=32, seq_len=0)),
+    "uniform-r16-L512": Run("uniform", heal=dict(lora_rank=16, lora_alpha=32, seq_len=0)),
+    "remove-r16-L512": Run("remove", heal=dict(lora_rank=16, lora_alpha=32, seq_len=0)),
     "uniform-L2048": Run("uniform", heal=dict(seq_len=2048, batch_size=8)),
 }
 
@@ -108,8 +113,8 @@ def heal_run(ws: Workspace, name: str, plan: Plan, run: Run, args, teacher: dict
     """Before/after quality of one run; the teacher comes back exactly afterwards."""
     steps = run.transfer_steps
     library = ws.library if steps is None else ws.library_for(replace(ws.library.config, steps=steps))
-    cfg = ws.heal_config(args.tokens, **{**dict(batch_size=args.batch_size, lora_rank=args.lora_rank,
-                                                lora_mlp=not args.no_lora_mlp, teacher=args.teacher,
+    flags = {k: v for k, v in dict(batch_size=args.batch_size, lora_rank=args.lora_rank).items() if v is not None}
+    cfg = ws.heal_config(args.tokens, **{**flags, **dict(lora_mlp=not args.no_lora_mlp, teacher=args.teacher,
                                                 checkpoint_tokens=max(args.tokens // 2, 1),
                                                 eval_tokens=args.eval_tokens), **run.heal})
     start = time.perf_counter()
@@ -122,7 +127,7 @@ def heal_run(ws: Workspace, name: str, plan: Plan, run: Run, args, teacher: dict
         after = ws.evaluate()
         long = long_context(model, ws.tokenizer, args) if args.long_context else None
     state = session.heal_state
-    return {"plan": str(plan), "teacher": teacher, "before": {k: q.to_dict() for k, q in before.items()},
+    return {"plan": str(plan), "heal": asdict(cfg), "teacher": teacher, "before": {k: q.to_dict() for k, q in before.items()},
             "after": {k: q.to_dict() for k, q in after.items()}, "tokens": state.tokens, "seconds": state.seconds,
             "tokens_per_s": state.tokens / max(state.seconds, 1e-9), "transfer_seconds": transfer_s,
             "final_loss": state.losses[-1] if state.losses else None, "curve": state.evals,
@@ -156,9 +161,9 @@ def main() -> None:
     p.add_argument("--gen-batch", type=int, default=2048)
     p.add_argument("--tokens", type=int, default=10_000_000)
     p.add_argument("--runs", nargs="+", default=["threshold", "uniform", "remove"], choices=list(RUNS))
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, help="blocks per step (default: the space's recipe on this device)")
     p.add_argument("--eval-tokens-heldout", type=int, help="held-out teacher and real text (default: the space's)")
-    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--lora-rank", type=int, help="default: the space's recipe")
     p.add_argument("--no-lora-mlp", action="store_true")
     p.add_argument("--teacher", default="cached", choices=["auto", "cached", "online"],
                    help="teacher targets (cached: the setting of the recorded runs)")

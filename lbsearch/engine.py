@@ -77,10 +77,12 @@ class DecodeEngine:
     ``max_len`` bounds every row's prompt + generated tokens. ``prefill_rows`` rows are
     prefilled at a time. ``graph``: capture the decode step as a CUDA graph (default: on CUDA).
     ``fused``: the fused decode step (default) or the eager one; ``compile``: compile the fused step.
+    ``fmap_in_decode``: the LSWA feature map inside the decode kernel, or as its own op before it
+    (default: its own op unless ``LBSEARCH_FUSED_LSWA_FMAP=1``).
     """
 
     def __init__(self, model, batch: int, max_len: int, *, prefill_rows: int = 32, graph: bool | None = None,
-                 fused: bool = True, compile: bool = False):
+                 fused: bool = True, compile: bool = False, fmap_in_decode: bool | None = None):
         self.model = model
         self.layers = decoder_layers(model)
         self.kinds = [kind_of_module(layer.self_attn) for layer in self.layers]
@@ -106,7 +108,7 @@ class DecodeEngine:
         self.use_graph = graph if graph is not None else self.device.type == "cuda"
         self._graphs: dict[tuple[Sampling, bool], torch.cuda.CUDAGraph] = {}
         self.fused, self.compiled = fused or compile, False
-        self._body = self._build_body(compile) if self.fused else None
+        self._body = self._build_body(compile, fmap_in_decode) if self.fused else None
         if self.use_graph:
             self._capture()
         elif compile:
@@ -122,17 +124,19 @@ class DecodeEngine:
         self.host_pos.fill_(value)
 
     # -- the step --------------------------------------------------------------------------
-    def _build_body(self, compile: bool):
+    def _build_body(self, compile: bool, fmap_in_decode: bool | None):
         """The fused step's body (tokens, pos) -> logits, compiled when asked and possible."""
         from .fused import FusedDecoder, eager_ops
 
-        self.decoder = FusedDecoder(self.model, self.layers, self._attending, self.cos, self.sin, eager_ops())
+        self.decoder = FusedDecoder(self.model, self.layers, self._attending, self.cos, self.sin,
+                                    eager_ops(fmap_in_decode))
         if not compile:
             return self.decoder
         try:
             from .fused_ops import compile_ops
 
-            compiled = FusedDecoder(self.model, self.layers, self._attending, self.cos, self.sin, compile_ops())
+            compiled = FusedDecoder(self.model, self.layers, self._attending, self.cos, self.sin,
+                                    compile_ops(fmap_in_decode))
             return _Compiled(compiled, self.decoder, self)
         except Exception as exc:  # noqa: BLE001 - no compiler / custom ops here: the fused step as it is
             warnings.warn(f"lbsearch: compiling the decode step is unavailable ({exc!r}); running it uncompiled")

@@ -9,10 +9,11 @@ Built once per engine from the model as the plan left it (its trained parameters
 * **Glue ops** (:mod:`lbsearch.kernels.fused_decode`): residual add + RMSNorm as one op, RoPE (+ the
   per-head q/k norm, + the KV-cache write for softmax layers) as one op, silu(gate) * up as one op.
   A norm or activation the ops do not compute exactly is called as the model's own module.
-* **LSWA**: the Hedgehog feature map of q and k is computed inside the LSWA decode kernel
-  (``lswa_decode_fmap``: RoPE, then one kernel). ``LBSEARCH_FUSED_LSWA_FMAP=0`` (or
-  ``eager_ops(fmap_in_decode=False)``) selects the earlier path, the feature map as its own op before
-  the decode kernel, to measure against.
+* **LSWA**: RoPE, the Hedgehog feature map of q and k as one kernel, then the LSWA decode kernel.
+  ``LBSEARCH_FUSED_LSWA_FMAP=1`` (or ``eager_ops(fmap_in_decode=True)``) maps the features inside
+  the decode kernel instead (``lswa_decode_fmap``: one kernel fewer per layer, but measured ~4%
+  slower per step on the H200, since one program per (sequence, kv head) then also does the mapping;
+  BENCHMARKS.md), kept to measure against.
 * **Attention cores** come from each kind's runner (``fused_decode``); a kind without one runs its
   eager ``decode`` on the normed hidden state.
 
@@ -64,10 +65,10 @@ FMAP_ENV_VAR = "LBSEARCH_FUSED_LSWA_FMAP"
 
 def use_fmap_kernel(choice: bool | None = None) -> bool:
     """Whether LSWA layers map features inside the decode kernel: ``choice``, else the environment
-    variable ``LBSEARCH_FUSED_LSWA_FMAP`` ("0" / "false": no), else yes."""
+    variable ``LBSEARCH_FUSED_LSWA_FMAP`` ("1" / "true": yes), else no (the faster path, measured)."""
     if choice is not None:
         return choice
-    return os.environ.get(FMAP_ENV_VAR, "1").strip().lower() not in ("0", "false", "no", "off")
+    return os.environ.get(FMAP_ENV_VAR, "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 def eager_ops(fmap_in_decode: bool | None = None) -> Ops:

@@ -142,10 +142,16 @@ class Workspace:
 
     # -- configs ---------------------------------------------------------------------------
     def heal_config(self, tokens: int | None = None, **overrides) -> HealConfig:
-        """The space's recipe with this device's batch size; ``tokens`` defaults to the full budget."""
+        """The space's recipe with this device's batch size; ``tokens`` defaults to the full budget.
+        Blocks longer than the data's (``seq_len``) come fewer per batch, so that a step trains on as
+        many tokens, unless the recipe sets ``batch_size`` itself."""
         d = self.defaults
-        base = {"batch_size": d.heal_batch_size, "grad_accum": d.heal_grad_accum, "tokens": tokens or d.healing_tokens}
-        return HealConfig(**{**base, **self.space.heal, **overrides})
+        recipe = {**self.space.heal, **overrides}
+        batch = d.heal_batch_size
+        if recipe.get("seq_len", 0) > self.space.data.seq_len and "batch_size" not in recipe:
+            batch = max(1, batch * self.space.data.seq_len // recipe["seq_len"])
+        base = {"batch_size": batch, "grad_accum": d.heal_grad_accum, "tokens": tokens or d.healing_tokens}
+        return HealConfig(**{**base, **recipe})
 
     def parse_plan(self, text: str, source: str = "plan") -> Plan:
         """A plan string or file, with the space's LSWA defaults, checked against the model."""

@@ -18,3 +18,14 @@ def test_smoke(tmp_path):
     assert base["fused_x_base"] == 1.0 and base["floor_x_base"] == 1.0 and base["fused_over_eager"] > 0
     assert bench.plans_for(16)["all-lswa-but-2"] == "SS" + "L64" * 14
     assert bench.plans_for(30)["third-softmax"].count("S") == 10
+
+
+def test_the_feature_map_inside_the_decode_kernel_is_a_selectable_engine(tmp_path):
+    import bench_decode_step as bench
+
+    result = bench.main(["--smoke", "--out", str(tmp_path), "--plans", "all-lswa-but-2",
+                         "--engines", "fused", "fused-fmap-in", "--no-serving"])
+    paths = {r["engine"]: r["fused_paths"] for r in result["step"]}
+    lswa = paths["fused"]["attention_layers"] - 2
+    assert paths["fused-fmap-in"]["lswa_fmap_in_decode"] == lswa > 0
+    assert paths["fused"]["lswa_fmap_in_decode"] == 0

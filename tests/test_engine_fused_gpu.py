@@ -81,7 +81,7 @@ def test_kernels_per_layer_within_budget():
 
 def test_lswa_fmap_kernel_one_kernel_fewer_per_layer(monkeypatch):
     """The feature map inside the LSWA decode kernel: same greedy tokens as the earlier path (feature map
-    as its own kernel, LBSEARCH_FUSED_LSWA_FMAP=0) and the eager step under CUDA graphs, bf16 logits as
+    as its own kernel, the default) and the eager step under CUDA graphs, bf16 logits as
     close, and exactly one CUDA kernel fewer per LSWA layer (SmolLM2-135M's layer shape)."""
     import sys
     from pathlib import Path
@@ -96,10 +96,8 @@ def test_lswa_fmap_kernel_one_kernel_fewer_per_layer(monkeypatch):
 
     model = tiny_model("qwen3", layers=4).cuda()
     with apply_plan(model, Plan.parse("L8s2f8L8s0f16SL8s1")):
-        new = DecodeEngine(model, 6, 80).generate(PROMPTS, 24)
-        monkeypatch.setenv(FMAP_ENV_VAR, "0")
+        new = DecodeEngine(model, 6, 80, fmap_in_decode=True).generate(PROMPTS, 24)
         old = DecodeEngine(model, 6, 80).generate(PROMPTS, 24)
-        monkeypatch.delenv(FMAP_ENV_VAR)
         assert new == old == DecodeEngine(model, 6, 80, fused=False).generate(PROMPTS, 24)
 
     shape = {**SHAPES["smollm2-135m"], "num_hidden_layers": 6}

@@ -30,6 +30,17 @@ def test_packaged_default_space_loads():
     assert space.default_lswa().window == space.lswa.windows[0]
 
 
+def test_packaged_healing_recipe_is_valid_and_cpu_keeps_the_data_blocks():
+    """The packaged recipe (long blocks, rank 64) builds a HealConfig on both devices; a CPU, whose corpus
+    is a few 2,048-token blocks, heals on the data's own block length with the same adapters."""
+    from lbsearch.distill import HealConfig
+
+    gpu, cpu = load_space().on("cuda"), load_space().on("cpu")
+    assert HealConfig(**gpu.heal).seq_len > gpu.data.seq_len
+    assert HealConfig(**cpu.heal).seq_len == 0
+    assert HealConfig(**cpu.heal).lora_rank == HealConfig(**gpu.heal).lora_rank > HealConfig().lora_rank
+
+
 def test_good_space_and_constraints(tmp_path):
     space = load_space(write(tmp_path, GOOD))
     assert space.allowed_kinds(29) == ["softmax", "lswa"]

@@ -87,6 +87,22 @@ def test_heal_seq_len_trains_on_longer_blocks(ws, monkeypatch):
     assert not ws._busy
 
 
+def test_longer_heal_blocks_come_fewer_per_batch_unless_the_recipe_sets_the_batch(ws, monkeypatch):
+    """A step trains on as many tokens at any block length: the device's batch is scaled by
+    data.seq_len / heal.seq_len (never below 1 block); an explicit batch_size wins."""
+    from dataclasses import replace
+
+    seq = ws.space.data.seq_len
+    monkeypatch.setattr(ws, "defaults", replace(ws.defaults, heal_batch_size=8))
+    assert ws.heal_config(64).batch_size == 8
+    assert ws.heal_config(64, seq_len=seq).batch_size == 8
+    assert ws.heal_config(64, seq_len=4 * seq).batch_size == 2
+    assert ws.heal_config(64, seq_len=100 * seq).batch_size == 1
+    assert ws.heal_config(64, seq_len=4 * seq, batch_size=5).batch_size == 5
+    monkeypatch.setattr(ws, "space", ws.space.model_copy(update={"heal": {"seq_len": 2 * seq}}))
+    assert (ws.heal_config(64).seq_len, ws.heal_config(64).batch_size) == (2 * seq, 4)
+
+
 def test_student_restores_when_the_body_raises(ws):
     ids = ws.heldout.blocks[:1]
     ref = ws.model(ids).logits.clone()

@@ -56,7 +56,7 @@ def step_inputs(xs, pos, dtype, device="cpu"):
 
 
 def state_err(st, ref):
-    return {name: rel_err(a.cpu(), getattr(ref, name)) for name, a in vars(st).items()}
+    return {name: rel_err(a.cpu(), getattr(ref, name).cpu()) for name, a in vars(st).items()}
 
 
 @pytest.mark.parametrize("shape", SHAPES[:3], ids=shape_id)
