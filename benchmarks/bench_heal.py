@@ -70,6 +70,10 @@ RUNS = {
     "uniform-full-lr2e-4": Run("uniform", heal=dict(tune="full", full_lr=2e-4)),
     "remove-full": Run("remove", heal=dict(tune="full")),
     "threshold-L2048": Run("threshold", heal=dict(seq_len=2048, batch_size=8)),
+    "threshold-L4096": Run("threshold", heal=dict(seq_len=4096)),  # 4 a step: as many tokens
+    "uniform-L4096": Run("uniform", heal=dict(seq_len=4096)),
+    "uniform-r16": Run("uniform", heal=dict(lora_rank=16, lora_alpha=32)),  # the default's blocks, old rank
+    "threshold-r16": Run("threshold", heal=dict(lora_rank=16, lora_alpha=32)),
     # the recipe before the study (LoRA rank 16, 512-token blocks), beside today's default
     "threshold-r16-L512": Run("threshold", heal=dict(lora_rank=16, lora_alpha=32, seq_len=0)),
     "uniform-r16-L512": Run("uniform", heal=dict(lora_rank=16, lora_alpha=32, seq_len=0)),
@@ -107,6 +111,12 @@ def print_table(results: dict) -> None:
               f"{h['teacher']['perplexity']:5.2f} {h['before']['perplexity']:6.2f} {h['after']['perplexity']:6.2f} "
               f"{r['gap_closed']:4.0%} {d[0]:6.2f} {d[1]:6.2f} {d[2]:6.2f} {r['tokens_per_s']:6.0f} "
               f"{r['seconds']:4.0f}")
+
+
+def mixture_entry(text: str) -> dict:
+    """``source=weight`` (or ``source``: weight 1) as a data.sources entry."""
+    source, _, weight = text.rpartition("=") if "=" in text else (text, "", "1")
+    return {"source": source, "weight": float(weight)}
 
 
 def heal_run(ws: Workspace, name: str, plan: Plan, run: Run, args, teacher: dict) -> dict:
@@ -173,6 +183,9 @@ def main() -> None:
     p.add_argument("--long-context", type=int, nargs="*", default=[],
                    help="also measure real-text perplexity per position span up to these lengths (e.g. 512 2048 4096)")
     p.add_argument("--long-tokens", type=int, default=65536, help="real-text tokens of the long-context set")
+    p.add_argument("--sources", nargs="+", metavar="SOURCE=WEIGHT",
+                   help="the training mixture instead of the space's, e.g. teacher-prompts=0.6 "
+                        "teacher-unconditional=0.2 package-docs=0.2")
     p.add_argument("--tag", default="", help="suffix of the result file: bench_heal<tag>.json")
     p.add_argument("--out", default=os.environ.get("OUT", "runs/bench_heal"), help="bench_heal.json goes here")
     p.add_argument("--work", default="runs/bench_heal_work", help="checkpoints")
@@ -183,7 +196,8 @@ def main() -> None:
     space = load_space(None).on(args.device.split(":")[0])  # CPU-sized budgets on a CPU
     held = args.eval_tokens_heldout or space.budgets.eval_tokens
     data = {**space.data.model_dump(), "healing_corpus_tokens": args.corpus_tokens,
-            "corpus_tokens": max(space.data.corpus_tokens, 4 * held), **({"seq_len": args.seq_len} if args.seq_len else {})}
+            "corpus_tokens": max(space.data.corpus_tokens, 4 * held), **({"seq_len": args.seq_len} if args.seq_len else {}),
+            **({"sources": [mixture_entry(s) for s in args.sources]} if args.sources else {})}
     budgets = {**space.budgets.model_dump(), "eval_tokens": held}
     space = space.model_copy(update={"data": type(space.data)(**data), "budgets": type(space.budgets)(**budgets),
                                      "cpu": {}})

@@ -114,6 +114,7 @@ PLAN_CASES = [
     case("plan", "--threshold", "5", "5", "--table", "{root}/a_file", expect="not a sensitivity table"),
     case("heal", "--plan", "SSN", "--out", "{root}/heal_out", expect="3 layers in plan 'SSN', the model has 30"),
     case("heal", "--plan", "S" * 30, "--lora-rank", "-1", expect="lora_rank must be a number"),
+    case("heal", "--plan", "S" * 30, "--lora-alpha", "-4", expect="lora_alpha must be a number"),
     case("heal", "--plan", "S" * 30, "--tokens", "-5", expect="--tokens must be positive"),
     case("heal", "--plan", "S" * 30, "--batch-size", "0", expect="--batch-size must be positive"),
     case("heal", "--plan", "S" * 30, "--temperature", "0", expect="temperature must be a number"),

@@ -53,11 +53,13 @@ def test_heal_command_end_to_end_and_resume(tmp_path, tiny_dir):
     env = dict(__import__("os").environ, LBSEARCH_CACHE=str(tmp_path / "cache"))
     out = tmp_path / "heal"
     args = ["heal", "--space", str(space), "--plan", "SL8N", "--out", str(out), "--library", str(tmp_path / "lib"),
-            "--transfer-steps", "5", "--lora-rank", "2"]
+            "--transfer-steps", "5", "--lora-rank", "2", "--lora-alpha", "6"]
     proc = run_cli(*args, env=env)
     assert proc.returncode == 0, proc.stderr
     assert "healed on 512 tokens" in proc.stdout and "after" in proc.stdout
-    report = json.loads((out / "healed" / "heal.json").read_text())["report"]
+    healed = json.loads((out / "healed" / "heal.json").read_text())
+    report = healed["report"]
+    assert (healed["config"]["lora_rank"], healed["config"]["lora_alpha"]) == (2, 6)
     assert report["tokens"] == 512 and report["plan"] == "SL8f16N"
     # a tiny random teacher sits at KL ~3e-5: healing must not diverge (one step cannot always lower it)
     assert report["heldout"]["after"]["kl"] < 1.1 * report["heldout"]["before"]["kl"]

@@ -19,7 +19,7 @@ import triton.language as tl
 from ..fused_decode.fused import _phi
 from ..triton_utils import dot as _dot
 from . import fused_recurrent as fr
-from .fused_recurrent import LOG2E, _softmax_part, _write_token
+from .fused_recurrent import LOG2E, _attend_window, _write_token
 from .naive import LSWAState
 
 
@@ -29,22 +29,11 @@ def _decode_fmap_kernel(q, k, v, w, gate, sink_k, sink_v, ring_k, ring_v, ring_f
                         H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, F2: tl.constexpr,
                         BG: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BW: tl.constexpr,
                         BS: tl.constexpr, PREC: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
-    hk = tl.program_id(1).to(tl.int64)
+    b, bh, p, slot, rg, rd, gok, dok, heads, q_off, q_mask, k_new, v_new, m, l, acc = _attend_window(
+        q, k, v, sink_k, sink_v, ring_k, ring_v, pos, SCALE2, W, S, H, HKV, D, BG, BD, BW, BS, PREC)
     grp = H // HKV
-    bh = b * HKV + hk
-    p = tl.load(pos + b)
-    slot = p % W
-    rg, rd, rf = tl.arange(0, BG), tl.arange(0, BD), tl.arange(0, BF)
-    gok, dok, fok = rg < grp, rd < D, rf < F2
-    heads = hk * grp + rg
-    q_off = (b * H + heads)[:, None] * D + rd[None, :]
-    q_mask = gok[:, None] & dok[None, :]
-    qt = tl.load(q + q_off, mask=q_mask, other=0.0).to(ring_k.dtype.element_ty)
-    k_new = tl.load(k + bh * D + rd, mask=dok, other=0.0).to(ring_k.dtype.element_ty)
-    v_new = tl.load(v + bh * D + rd, mask=dok, other=0.0).to(ring_v.dtype.element_ty)
-    m, l, acc = _softmax_part(qt, k_new, v_new, sink_k, sink_v, ring_k, ring_v, bh, p, slot, W, S, gok, rd,
-                              dok, SCALE2, D, BG, BD, BW, BS, PREC)
+    rf = tl.arange(0, BF)
+    fok = rf < F2
 
     # feature map after the softmax part (nothing of it is live across the loop). q and k are read again
     # as they are in memory (a cache hit): the features are of the un-rounded inputs, as the module's.
@@ -52,6 +41,7 @@ def _decode_fmap_kernel(q, k, v, w, gate, sink_k, sink_v, ring_k, ring_v, ring_f
     is_k = (rg == grp)[:, None]
     x = tl.load(q + q_off, mask=q_mask, other=0.0).to(tl.float32)
     x = tl.where(is_k, tl.load(k + bh * D + rd, mask=dok, other=0.0).to(tl.float32)[None, :], x)
+    hk = tl.program_id(1).to(tl.int64)
     wt = tl.load(w + hk * D * F2 + rd[:, None] * F2 + rf[None, :], mask=dok[:, None] & fok[None, :],
                  other=0.0).to(tl.float32)
     fq_p, fq_n = _phi(_dot(x, wt, "ieee"), fok[None, :])

@@ -67,6 +67,32 @@ def _softmax_part(qt, k_new, v_new, sink_k, sink_v, ring_k, ring_v, bh, p, slot,
 
 
 @triton.jit
+def _attend_window(q, k, v, sink_k, sink_v, ring_k, ring_v, pos, SCALE2, W, S, H: tl.constexpr,
+                   HKV: tl.constexpr, D: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr, BW: tl.constexpr,
+                   BS: tl.constexpr, PREC: tl.constexpr):
+    """The decode kernels' common start, for this program's (sequence b, kv head): its position and ring
+    slot, the group's query block and the new token in the cache's dtype, and the online softmax of the
+    block over the sinks and the ring (``_softmax_part``). Reads only."""
+    b = tl.program_id(0).to(tl.int64)
+    hk = tl.program_id(1).to(tl.int64)
+    grp = H // HKV
+    bh = b * HKV + hk
+    p = tl.load(pos + b)
+    slot = p % W
+    rg, rd = tl.arange(0, BG), tl.arange(0, BD)
+    gok, dok = rg < grp, rd < D
+    heads = hk * grp + rg
+    q_off = (b * H + heads)[:, None] * D + rd[None, :]
+    q_mask = gok[:, None] & dok[None, :]
+    qt = tl.load(q + q_off, mask=q_mask, other=0.0).to(ring_k.dtype.element_ty)
+    k_new = tl.load(k + bh * D + rd, mask=dok, other=0.0).to(ring_k.dtype.element_ty)
+    v_new = tl.load(v + bh * D + rd, mask=dok, other=0.0).to(ring_v.dtype.element_ty)
+    m, l, acc = _softmax_part(qt, k_new, v_new, sink_k, sink_v, ring_k, ring_v, bh, p, slot, W, S, gok, rd,
+                              dok, SCALE2, D, BG, BD, BW, BS, PREC)
+    return b, bh, p, slot, rg, rd, gok, dok, heads, q_off, q_mask, k_new, v_new, m, l, acc
+
+
+@triton.jit
 def _write_token(k_new, v_new, sink_k, sink_v, ring_k, ring_v, pos, tickets, b, bh, p, slot, W, S, rd, dok,
                  D: tl.constexpr, HKV: tl.constexpr):
     """The new token into its ring slot (and its sink slot while pos < sinks); pos[b] += 1 by the last of
@@ -90,22 +116,11 @@ def _decode_kernel(q, k, v, fq, fk, gate, sink_k, sink_v, ring_k, ring_v, ring_f
                    H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, F: tl.constexpr,
                    BG: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BW: tl.constexpr,
                    BS: tl.constexpr, PREC: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
-    hk = tl.program_id(1).to(tl.int64)
-    grp = H // HKV
-    bh = b * HKV + hk
-    p = tl.load(pos + b)
-    slot = p % W
-    rg, rd, rf = tl.arange(0, BG), tl.arange(0, BD), tl.arange(0, BF)
-    gok, dok, fok = rg < grp, rd < D, rf < F
-    heads = hk * grp + rg
-    qt = tl.load(q + (b * H + heads)[:, None] * D + rd[None, :], mask=gok[:, None] & dok[None, :],
-                 other=0.0).to(ring_k.dtype.element_ty)
-    k_new = tl.load(k + bh * D + rd, mask=dok, other=0.0).to(ring_k.dtype.element_ty)
-    v_new = tl.load(v + bh * D + rd, mask=dok, other=0.0).to(ring_v.dtype.element_ty)
+    b, bh, p, slot, rg, rd, gok, dok, heads, q_off, q_mask, k_new, v_new, m, l, acc = _attend_window(
+        q, k, v, sink_k, sink_v, ring_k, ring_v, pos, SCALE2, W, S, H, HKV, D, BG, BD, BW, BS, PREC)
+    rf = tl.arange(0, BF)
+    fok = rf < F
     fk_new = tl.load(fk + bh * F + rf, mask=fok, other=0.0)
-    m, l, acc = _softmax_part(qt, k_new, v_new, sink_k, sink_v, ring_k, ring_v, bh, p, slot, W, S, gok, rd,
-                              dok, SCALE2, D, BG, BD, BW, BS, PREC)
 
     # fold the token leaving the window (j = p - W) into the linear state unless it is a sink.
     # (Loading this state before the softmax part keeps it live across it: spills, measured slower.)
@@ -123,8 +138,7 @@ def _decode_kernel(q, k, v, fq, fk, gate, sink_k, sink_v, ring_k, ring_v, ring_f
                   other=0.0).to(tl.float32)
     num = g[:, None] * acc + (1 - g)[:, None] * _dot(fqt, ls, "ieee")
     den = tl.where(gok, g * l + (1 - g) * tl.sum(fqt * lz[None, :], 1), 1.0)
-    tl.store(o + (b * H + heads)[:, None] * D + rd[None, :], (num / den[:, None]).to(o.dtype.element_ty),
-             mask=gok[:, None] & dok[None, :])
+    tl.store(o + q_off, (num / den[:, None]).to(o.dtype.element_ty), mask=q_mask)
 
     tl.debug_barrier()  # every read of the old slot is done before it is overwritten
     tl.store(ring_fk + (bh * W + slot) * F + rf, fk_new.to(ring_fk.dtype.element_ty), mask=fok)

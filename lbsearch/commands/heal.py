@@ -9,7 +9,7 @@ from ..recipe import HealConfig
 from .common import Command, add_common, check_positive, early_plan, model_name, open_workspace, out_dir
 
 # flag -> HealConfig field; a flag left out keeps the space's heal: section or the recipe default
-FLAGS = {"batch_size": "batch_size", "grad_accum": "grad_accum", "lr": "lr", "lora_rank": "lora_rank",
+FLAGS = {"batch_size": "batch_size", "grad_accum": "grad_accum", "lr": "lr", "lora_rank": "lora_rank", "lora_alpha": "lora_alpha",
          "tune": "tune", "full_lr": "full_lr", "seq_len": "seq_len",
          "teacher": "teacher", "temperature": "temperature", "ce_weight": "ce_weight",
          "attn_mse_weight": "attn_mse_weight", "checkpoint_tokens": "checkpoint_tokens", "eval_every": "eval_tokens"}
@@ -26,12 +26,16 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    "(default: data.healing_corpus_tokens on GPU; on CPU the corpus's train split)")
     p.add_argument("--transfer-steps", type=int,
                    help="per-layer transfer steps for missing blocks (default 300 on GPU, 50 on CPU)")
-    p.add_argument("--seq-len", type=int, help="training block length in tokens (default: data.seq_len); "
-                   "held-out quality stays at data.seq_len")
-    p.add_argument("--batch-size", type=int, help="blocks per micro-batch (default 32 on GPU, 4 on CPU)")
+    p.add_argument("--seq-len", type=int, help="training block length in tokens (default: the space's heal: "
+                   "section, packaged 2048 on GPU; else data.seq_len); held-out quality stays at data.seq_len")
+    p.add_argument("--batch-size", type=int, help="blocks per micro-batch (default 32 on GPU, 1 on CPU, "
+                   "fewer for blocks longer than data.seq_len: as many tokens a step)")
     p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
     p.add_argument("--lr", type=float, help="learning rate of the new attention parameters (default 1e-3)")
-    p.add_argument("--lora-rank", type=int, help="LoRA rank on the projections (default 16; 0: none)")
+    p.add_argument("--lora-rank", type=int, help="LoRA rank on the projections (default: the space's heal: "
+                   "section, packaged 64; else 16; 0: none)")
+    p.add_argument("--lora-alpha", type=int, help="LoRA alpha: adapters scaled by alpha / rank (default: the "
+                   "space's, packaged 128; else 32)")
     p.add_argument("--no-lora-mlp", action="store_true",
                    help="LoRA (or full tuning) on the attention projections only")
     p.add_argument("--tune", choices=["lora", "full"],

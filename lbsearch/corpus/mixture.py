@@ -17,7 +17,7 @@ from .sources import DrawContext, Source, resolve
 from .splits import split_of
 from .teacher import batch_rows, sampler_key
 
-CORPUS_VERSION = "mixture-v1"
+CORPUS_VERSION = "mixture-v2"  # v2: real text drops paragraphs that quote the evaluation sources
 SHORTFALL = 0.9  # a source that gives less than this share of its tokens is reported
 
 
@@ -87,7 +87,8 @@ def corpus_key(cfg, model, model_key: str, batch_size: int, n_tokens: int | None
         parts.append((src.identity(), src.source, target, gen))
     split = (cfg.seed, cfg.heldout_fraction, cfg.calibration_fraction, sorted(map(str, exclude_groups))) \
         if train_only else ()
-    return stable_hash(CORPUS_VERSION, model_key, n, cfg.seed if seed is None else seed, split, parts)
+    return stable_hash(CORPUS_VERSION, model_key, n, cfg.seed if seed is None else seed, split, parts,
+                       sorted(cfg.eval_sources))
 
 
 def build_corpus(cfg, model=None, tokenizer=None, *, model_key: str = "model", batch_size: int = 16,
@@ -108,7 +109,8 @@ def build_corpus(cfg, model=None, tokenizer=None, *, model_key: str = "model", b
     keep = (lambda g: g not in exclude_groups
             and split_of(g, cfg.seed, cfg.heldout_fraction, cfg.calibration_fraction) == "train") \
         if train_only else None
-    ctx = DrawContext(model, tokenizer, model_key, batch_size, seed, keep, progress)
+    ctx = DrawContext(model, tokenizer, model_key, batch_size, seed, keep, progress,
+                      tuple(cfg.eval_sources), cfg.text_field)
     texts, groups, origin, counts, draws = [], [], [], [], []
     for index, (src, target) in enumerate(zip(sources, targets(sources, n))):
         docs = src.kind.draw(src, ctx, target)

@@ -1,7 +1,10 @@
-"""Held-out real text (``data.eval_sources``) and the rule that keeps it out of training corpora."""
+"""Held-out real text (``data.eval_sources``), the rules that keep it out of training corpora, and
+real training text available offline on any machine (:func:`package_docs`)."""
 from __future__ import annotations
 
+import functools
 import hashlib
+import re
 from pathlib import Path
 
 from ..errors import LBSearchError
@@ -79,3 +82,66 @@ def check_training_source(source: str, key: str = "data.source", eval_sources: t
                 and _overlaps(here, Path(other).expanduser().resolve()):
             raise LBSearchError(f"{key}: {source!r}: overlaps the evaluation source {other!r} "
                                 "(data.eval_sources); evaluation text may not be trained on")
+
+
+# -- evaluation text never feeds training ---------------------------------------------------------
+NGRAM = 12  # words: a run of 12 words shared with evaluation text is copied text, not common phrasing
+_PARAGRAPH = re.compile(r"\n\s*\n")
+
+
+def _word_ngrams(text: str, n: int = NGRAM) -> set[int]:
+    words = text.lower().split()
+    return {hash(" ".join(words[i:i + n])) for i in range(len(words) - n + 1)}
+
+
+@functools.lru_cache(maxsize=4)
+def eval_ngrams(eval_sources: tuple[str, ...], text_field: str = "text") -> frozenset[int]:
+    """Every 12-word run of the evaluation sources' text (for :func:`without_eval_text`)."""
+    grams: set[int] = set()
+    for source in eval_sources:
+        for doc in eval_texts(source, text_field):
+            grams |= _word_ngrams(doc)
+    return frozenset(grams)
+
+
+def without_eval_text(text: str, grams: frozenset[int]) -> str:
+    """``text`` less every paragraph that shares a 12-word run with evaluation text: a training
+    document may quote an evaluation document (a backport's README quoting the standard library's
+    docs, say), and that paragraph would be trained on what is then scored."""
+    if not grams or _word_ngrams(text).isdisjoint(grams):
+        return text
+    return "\n\n".join(p for p in _PARAGRAPH.split(text) if _word_ngrams(p).isdisjoint(grams)).strip()
+
+
+# -- real training text on every machine ----------------------------------------------------------
+def installed_distributions() -> list:
+    """Installed distributions with a long description (>= 500 characters), one per name, by name."""
+    import importlib.metadata as md
+
+    seen, out = set(), []
+    for dist in sorted(md.distributions(), key=lambda d: (d.metadata["Name"] or "").lower()):
+        name = (dist.metadata["Name"] or "").lower()
+        if name and name not in seen and len(_description(dist)) >= 500:
+            seen.add(name)
+            out.append(dist)
+    return out
+
+
+def _description(dist) -> str:
+    meta = dist.metadata
+    return ((meta.get_payload() if hasattr(meta, "get_payload") else "") or meta.get("Description") or "").strip()
+
+
+def package_docs() -> list[str]:
+    """The long descriptions (READMEs: English technical prose, markdown or reStructuredText, code) of the
+    Python distributions installed here, deduplicated: real text, offline, never the standard library's
+    (distributions are installed packages). Training text; the corpus still drops any paragraph that
+    quotes an evaluation source."""
+    docs, seen = [], set()
+    for dist in installed_distributions():
+        text = _description(dist)
+        digest = hashlib.sha256(text.encode()).digest()
+        if digest not in seen:
+            seen.add(digest)
+            docs.append(text)
+    return docs

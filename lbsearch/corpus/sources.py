@@ -1,7 +1,7 @@
 """The kinds of training-text source (``data.sources``), one record each in :data:`SOURCE_KINDS`.
 
-A source string names its kind: a registered name (``teacher-prompts``, ``teacher-unconditional``), a
-local file or folder, else a hub dataset. Each kind says which options it takes (and their defaults),
+A source string names its kind: a registered name (``teacher-prompts``, ``teacher-unconditional``,
+``package-docs``), a local file or folder, else a hub dataset. Each kind says which options it takes (and their defaults),
 checks a source cheaply before anything heavy, names what shapes its documents (cache and corpus
 keys) and draws about ``n`` tokens of documents, each with the group the split keeps together.
 Nothing else branches on a kind's name.
@@ -15,7 +15,7 @@ from typing import Any, Callable
 from ..errors import LBSearchError
 from .files import LOCAL_BUILDERS, check_hub, check_local, file_corpus, hub_corpus, local_files, looks_local
 from .prompts import PROMPT_SETS, prompt_set, prompt_set_key
-from .realtext import check_training_source
+from .realtext import check_training_source, eval_ngrams, installed_distributions, package_docs, without_eval_text
 from .splits import bucket
 from .teacher import SAMPLING, UNCONDITIONAL, Documents, Request, cached_samples, chat_prompts, start_token
 
@@ -47,6 +47,8 @@ class DrawContext:
     seed: int = 0
     keep: Callable[[str], bool] | None = None
     progress: bool = True
+    eval_sources: tuple[str, ...] = ()  # real text drawn for training drops paragraphs quoting these
+    text_field: str = "text"  # of local evaluation files
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,7 @@ class SourceKind:
     draw: Callable[[Source, DrawContext, int], Documents]
     generated: bool = False  # sampled from the teacher (needs it loaded)
     aliases: tuple[str, ...] = ()
+    named: bool = False  # the source string is the kind's name (else a path or a hub id)
 
 
 # -- teacher samples -----------------------------------------------------------------------------------
@@ -131,6 +134,23 @@ def _draw_files(src: Source, ctx: DrawContext, n_tokens: int) -> Documents:
     return draw_texts(ds, f"file:{Path(src.source).expanduser().resolve()}", n_tokens, ctx)
 
 
+def _check_package_docs(src: Source, eval_sources: tuple) -> None:
+    if not installed_distributions():
+        raise LBSearchError(f"{src.key}.source: package-docs: no installed Python distribution has a long "
+                            f"description here; allowed: {allowed_sources()}")
+
+
+def _package_docs_identity(src: Source) -> tuple:
+    """Which distributions, at which versions (an upgrade draws again)."""
+    return tuple((d.metadata["Name"].lower(), d.version) for d in installed_distributions())
+
+
+def _draw_package_docs(src: Source, ctx: DrawContext, n_tokens: int) -> Documents:
+    from datasets import Dataset
+
+    return draw_texts(Dataset.from_dict({"text": package_docs()}), "package-docs", n_tokens, ctx)
+
+
 def _check_hub(src: Source, eval_sources: tuple) -> None:
     check_hub(src.source, src.options["subset"], src.options["text_field"], f"{src.key}.source")
 
@@ -143,8 +163,11 @@ def _draw_hub(src: Source, ctx: DrawContext, n_tokens: int) -> Documents:
 
 def draw_texts(ds, prefix: str, n_tokens: int, ctx: DrawContext, chunk: int = 256) -> Documents:
     """About ``n_tokens`` of a text Dataset's documents in a seeded order (a prefix samples the whole
-    source), each document its own group ``<prefix>:<index>``; tokens counted with the EOS that joins them."""
+    source), each document its own group ``<prefix>:<index>``; tokens counted with the EOS that joins them.
+    Paragraphs that quote the evaluation sources (``ctx.eval_sources``) are dropped first."""
     import numpy as np
+
+    grams = eval_ngrams(tuple(ctx.eval_sources), ctx.text_field) if ctx.eval_sources else frozenset()
 
     groups = [f"{prefix}:{i}" for i in range(len(ds))]
     allowed = np.array([i for i, g in enumerate(groups) if ctx.keep is None or ctx.keep(g)], dtype=np.int64)
@@ -154,7 +177,10 @@ def draw_texts(ds, prefix: str, n_tokens: int, ctx: DrawContext, chunk: int = 25
         if total >= n_tokens:
             break
         idx = order[start: start + chunk].tolist()
-        batch = list(ds.select(idx)["text"])
+        kept = [(i, t) for i, t in zip(idx, (without_eval_text(t, grams) for t in ds.select(idx)["text"])) if t]
+        if not kept:
+            continue
+        idx, batch = (list(x) for x in zip(*kept))
         for i, text, ids in zip(idx, batch, ctx.tokenizer(batch, add_special_tokens=False)["input_ids"]):
             if total >= n_tokens:
                 break
@@ -169,11 +195,14 @@ SOURCE_KINDS: dict[str, SourceKind] = {k.name: k for k in (
     SourceKind("teacher-prompts", "the teacher's answers to a prompt set",
                {"prompts": "broad", **SAMPLING, "max_new_tokens": 256},
                lambda s: s in ("teacher-prompts", "teacher"), _check_prompts, lambda s: (),
-               _draw_answers, generated=True, aliases=("teacher",)),
+               _draw_answers, generated=True, aliases=("teacher",), named=True),
     SourceKind("teacher-unconditional", "the teacher's samples from its start token",
                {"start": "bos", **UNCONDITIONAL, "max_new_tokens": 256},
                lambda s: s == "teacher-unconditional", _no_check, lambda s: (),
-               _draw_unconditional, generated=True),
+               _draw_unconditional, generated=True, named=True),
+    SourceKind("package-docs", "the long descriptions (READMEs) of the Python distributions installed here",
+               {}, lambda s: s == "package-docs", _check_package_docs, _package_docs_identity,
+               _draw_package_docs, named=True),
     SourceKind("file", f"a local file or folder ({', '.join(LOCAL_BUILDERS)})", {"text_field": None},
                looks_local, _check_files, _files_identity, _draw_files),
     SourceKind("hub", "a hub dataset name (through datasets)", {"text_field": None, "subset": None, "split": "train"},
@@ -187,8 +216,8 @@ def source_kind(source: str) -> SourceKind:
 
 
 def allowed_sources() -> str:
-    named = [n for k in SOURCE_KINDS.values() if k.generated for n in (k.name, *k.aliases)]
-    rest = [k.summary for k in SOURCE_KINDS.values() if not k.generated]
+    named = [n for k in SOURCE_KINDS.values() if k.named for n in (k.name, *k.aliases)]
+    rest = [k.summary for k in SOURCE_KINDS.values() if not k.named]
     return ", ".join(named + rest)
 
 
