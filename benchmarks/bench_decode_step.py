@@ -44,24 +44,29 @@ def plans_for(layers: int) -> dict[str, str]:
 
 
 # -- measurements -------------------------------------------------------------------------------
-def count_kernels(engine) -> dict | None:
-    """CUDA kernels of one eager-mode step, of the step without its decoder layers, and per layer (None on CPU)."""
+def count_kernels(engine, top: int = 12) -> dict | None:
+    """CUDA kernels of one eager-mode step, of the step without its decoder layers, and per layer; and
+    where the step's GPU time goes: the ``top`` kernels by time (name, launches, us) and the total
+    kernel time, which excludes launch gaps (None on CPU)."""
     if engine.device.type != "cuda":
         return None
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    def one_step() -> int:
+    def one_step() -> tuple[int, list]:
         engine._step()  # warm (a first call may compile or autotune)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             engine._step()
             torch.cuda.synchronize()
-        return sum(e.count for e in prof.key_averages() if e.device_type == DeviceType.CUDA)
+        events = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+        times = [(e.key, e.count, getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0))
+                 for e in events]
+        return sum(e.count for e in events), sorted(times, key=lambda t: -t[2])
 
     snap = engine.snapshot()
     n_layers = len(engine.layers)
-    step = one_step()
+    step, times = one_step()
     body, layers = engine._body, engine.layers
     try:  # the same step without decoder layers: embedding, final norm, head, pick, bookkeeping
         if body is not None:
@@ -69,13 +74,15 @@ def count_kernels(engine) -> dict | None:
             engine.decoder.layers = []
         else:
             engine.layers = []
-        outside = one_step()
+        outside = one_step()[0]
     finally:
         engine._body, engine.layers = body, layers
         if body is not None:
             engine.decoder.layers = saved
     engine.restore(snap)
-    return {"per_step": step, "outside_layers": outside, "per_layer": (step - outside) / n_layers}
+    return {"per_step": step, "outside_layers": outside, "per_layer": (step - outside) / n_layers,
+            "kernel_us": sum(t[2] for t in times),
+            "top": [{"kernel": k[:120], "launches": n, "us": us} for k, n, us in times[:top]]}
 
 
 def step_ms(engine, context: int, steps: int, repeats: int) -> float:
@@ -142,6 +149,21 @@ def step_table(rows: list[dict]) -> str:
         lines.append(f"{r['shape']:13} {r['plan_name']:15} {r['engine']:13} {r['step_ms']:8.3f} {r['floor_ms']:8.3f} "
                      f"{r['step_over_floor']:7.2f} {k.get('per_step', ''):>9} "
                      f"{('%.1f' % k['per_layer']) if k else '':>10} {('%.2f' % (ref / r['step_ms'])) if ref else '':>8}")
+    return "\n".join(lines)
+
+
+def profile_table(rows: list[dict], top: int = 5) -> str:
+    """Where each step's GPU time goes: its top kernels by time, as a share of the step's kernel time."""
+    lines = []
+    for r in rows:
+        k = r.get("kernels") or {}
+        if not k.get("top"):
+            continue
+        lines.append(f"{r['shape']} {r['plan_name']} {r['engine']}: kernels {k['kernel_us'] / 1000:.3f} ms "
+                     f"of a {r['step_ms']:.3f} ms step")
+        for t in k["top"][:top]:
+            lines.append(f"    {t['us'] / max(k['kernel_us'], 1e-9):6.1%} {t['us']:9.1f} us {t['launches']:5d}x  "
+                         f"{t['kernel'][:90]}")
     return "\n".join(lines)
 
 
@@ -263,6 +285,9 @@ def main(argv=None) -> dict:
         run_shape(name, args, result, save, log)
     result["meta"]["seconds"] = time.time() - t0
     save()
+    profiled = profile_table(result["step"])
+    if profiled:
+        log(f"\nwhere the step's GPU time goes (one eager step under torch.profiler):\n{profiled}")
     log(f"\n{step_table(result['step'])}")
     if result["serving"]:
         log(f"\n{serving_table(result['serving'])}")

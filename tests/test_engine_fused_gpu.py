@@ -116,6 +116,9 @@ def test_lswa_fmap_kernel_one_kernel_fewer_per_layer(monkeypatch):
             engine.decode(5)
             logits[fmap] = engine._logits().float()
     new, old = counts["1"]["per_layer"], counts["0"]["per_layer"]
+    top = counts["0"]["top"]  # where the time goes: kernels by time, within the step's kernel time
+    assert top and all(t["us"] > 0 and t["launches"] >= 1 for t in top)
+    assert sum(t["us"] for t in top) <= counts["0"]["kernel_us"] + 1e-6
     assert abs(old - new - 1) < 1e-9 and new <= 10, counts
     err = (logits["1"] - logits["0"]).norm() / logits["0"].norm()
     assert err < 1e-2, err
