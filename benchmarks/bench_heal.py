@@ -23,8 +23,6 @@ from pathlib import Path
 
 import torch
 
-from lbsearch.data import eval_texts, pack_blocks
-from lbsearch.evaluate import perplexity_by_position
 from lbsearch.plan import Plan
 from lbsearch.sensitivity import SensitivityTable, remove_only_plan, threshold_plan, uniform_plan
 from lbsearch.space import load_space
@@ -133,9 +131,9 @@ def heal_run(ws: Workspace, name: str, plan: Plan, run: Run, args, teacher: dict
     transfer_s = time.perf_counter() - start
     session = ws.student(plan, cfg, checkpoints=Path(args.work) / name, evaluator=cfg.eval_tokens > 0,
                          library=library, resume=False)
-    with session as model:
+    with session:
         after = ws.evaluate()
-        long = long_context(model, ws.tokenizer, args) if args.long_context else None
+        long = long_context(ws, args) if args.long_context else None
     state = session.heal_state
     return {"plan": str(plan), "heal": asdict(cfg), "teacher": teacher, "before": {k: q.to_dict() for k, q in before.items()},
             "after": {k: q.to_dict() for k, q in after.items()}, "tokens": state.tokens, "seconds": state.seconds,
@@ -144,22 +142,11 @@ def heal_run(ws: Workspace, name: str, plan: Plan, run: Run, args, teacher: dict
             **({"long_context": long} if long else {})}
 
 
-LONG_BLOCKS: dict = {}
-
-
-def long_context(model, tokenizer, args) -> dict:
-    """Perplexity on real text (python-docs, EOS-joined) packed in blocks of the longest
-    ``--long-context`` length, per span of predicted positions [0, L1), [L1, L2), ...: a student whose
-    ratio to the teacher grows from span to span drifts with the context."""
+def long_context(ws: Workspace, args) -> dict:
+    """Perplexity on held-out real text (python-docs) per span of predicted positions [0, L1), [L1, L2), ...
+    of the model as it is now (``Workspace.long_context``)."""
     lengths = sorted(args.long_context)
-    if "blocks" not in LONG_BLOCKS:
-        LONG_BLOCKS["blocks"] = pack_blocks(eval_texts("python-docs"), tokenizer, lengths[-1],
-                                            max_tokens=args.long_tokens)
-    blocks = LONG_BLOCKS["blocks"]
-    edges = (0, *lengths)
-    spans = perplexity_by_position(model, blocks, edges)
-    return {"lengths": lengths, "blocks": list(blocks.shape), "span_ppl": dict(zip(
-        [f"{a}-{b}" for a, b in zip(edges[:-1], edges[1:])], spans))}
+    return {"lengths": lengths, "span_ppl": ws.long_context(tuple(lengths), args.long_tokens)}
 
 
 def main() -> None:
@@ -211,7 +198,7 @@ def main() -> None:
     plans = base_plans(SensitivityTable.load(TABLE), space.default_lswa())
     teacher = {k: q.to_dict() for k, q in ws.evaluate().items()}
     if args.long_context:
-        teacher["long_context"] = long_context(ws.model, ws.tokenizer, args)
+        teacher["long_context"] = long_context(ws, args)
     results = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
                "train_tokens": ws.healing_blocks.numel(), "heldout_tokens": ws.heldout.blocks.numel(),
                "real_tokens": sum(e.blocks.numel() for e in ws.real_text.values()), "config": vars(args), "runs": {},

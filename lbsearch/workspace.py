@@ -22,7 +22,7 @@ from .data import (Corpus, blocks_hash, build_corpus, check_sources, eval_texts,
                    split_corpus)
 from .distill import BlockLibrary, add_tuning, heal, remove_tuning, trainable_pairs
 from .errors import LBSearchError
-from .evaluate import PrefixStates, Quality, TeacherLogits, evaluate, teacher_logits
+from .evaluate import PrefixStates, Quality, TeacherLogits, evaluate, perplexity_by_position, teacher_logits
 from .io import cache_dir
 from .models import load_teacher, load_tokenizer, model_key
 from .plan import Plan
@@ -93,6 +93,7 @@ class Workspace:
         self._busy = False
         self._prefix: dict[str, PrefixStates] | None = None
         self._tables: dict[frozenset, CostTable] = {}
+        self._long: dict[tuple[int, int], torch.Tensor] = {}
 
     @classmethod
     def open(cls, space: SearchSpace | str | Path | None = None, *, device: str | None = None,
@@ -204,6 +205,26 @@ class Workspace:
         model = self.model if model is None else model
         return {name: evaluate(model, ev.blocks, ev.teacher, self.defaults.eval_batch_size)
                 for name, ev in self.eval_sets().items()}
+
+    def long_context(self, lengths: tuple[int, ...], tokens: int) -> dict[str, float]:
+        """Perplexity of the model as it is now (the teacher, or the student inside :meth:`student`) on
+        held-out real text (the first ``data.eval_sources``) packed in blocks of the longest length,
+        per span of predicted positions [0, L1), [L1, L2), ...: a plan whose ratio to the teacher grows
+        from span to span drifts with the context (BENCHMARKS.md, long contexts)."""
+        lengths = tuple(sorted(set(lengths)))
+        key = (lengths[-1], tokens)
+        if key not in self._long:
+            source = self.space.data.eval_sources[0] if self.space.data.eval_sources else None
+            if source is None:
+                raise LBSearchError("long-context quality needs held-out real text: set data.eval_sources")
+            blocks = pack_blocks(eval_texts(source, self.space.data.text_field), self.tokenizer, lengths[-1],
+                                 max_tokens=tokens)
+            if not len(blocks):
+                raise LBSearchError(f"long context: {source} holds fewer than {lengths[-1]} tokens for one block")
+            self._long[key] = blocks
+        edges = (0, *lengths)
+        spans = perplexity_by_position(self.model, self._long[key], edges)
+        return {f"{a}-{b}": ppl for a, b, ppl in zip(edges[:-1], edges[1:], spans)}
 
     def evaluate_assembled(self, plan: Plan) -> dict[str, Quality]:
         """Like :meth:`evaluate` for an unhealed student (inside ``student(plan)``), reusing the

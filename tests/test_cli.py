@@ -47,19 +47,23 @@ def test_sensitivity_command_end_to_end(tmp_path, tiny_dir, monkeypatch):
 
 def test_heal_command_end_to_end_and_resume(tmp_path, tiny_dir):
     space = tmp_path / "space.yaml"
-    space.write_text(f"model: {tiny_dir}\ndata: {{corpus_tokens: 1500, seq_len: 32}}\n"
+    space.write_text(f"model: {tiny_dir}\ndata: {{corpus_tokens: 1500, seq_len: 32, eval_sources: [python-docs]}}\n"
                      "budgets: {eval_tokens: 64, calibration_tokens: 128, healing_tokens: 512}\n"
                      "lswa: {windows: [8], feature_dims: [16]}\n")
     env = dict(__import__("os").environ, LBSEARCH_CACHE=str(tmp_path / "cache"))
     out = tmp_path / "heal"
     args = ["heal", "--space", str(space), "--plan", "SL8N", "--out", str(out), "--library", str(tmp_path / "lib"),
             "--transfer-steps", "5", "--lora-rank", "2", "--lora-alpha", "6"]
-    proc = run_cli(*args, env=env)
+    proc = run_cli(*args, "--long-context", "16", "48", env=env)
     assert proc.returncode == 0, proc.stderr
+    assert "python-docs, perplexity by context span:" in proc.stdout
     assert "healed on 512 tokens" in proc.stdout and "after" in proc.stdout
     healed = json.loads((out / "healed" / "heal.json").read_text())
     report = healed["report"]
     assert (healed["config"]["lora_rank"], healed["config"]["lora_alpha"]) == (2, 6)
+    long = healed["report"]["long_context"]
+    assert list(long) == ["teacher", "after"] and all(list(v) == ["0-16", "16-48"] for v in long.values())
+    assert all(ppl > 1 for v in long.values() for ppl in v.values())
     assert report["tokens"] == 512 and report["plan"] == "SL8f16N"
     # a tiny random teacher sits at KL ~3e-5: healing must not diverge (one step cannot always lower it)
     assert report["heldout"]["after"]["kl"] < 1.1 * report["heldout"]["before"]["kl"]

@@ -103,6 +103,23 @@ def test_longer_heal_blocks_come_fewer_per_batch_unless_the_recipe_sets_the_batc
     assert (ws.heal_config(64).seq_len, ws.heal_config(64).batch_size) == (2 * seq, 4)
 
 
+def test_long_context_perplexity_per_span_of_the_model_as_it_is(ws, monkeypatch):
+    from lbsearch.evaluate import perplexity_by_position
+
+    with pytest.raises(LBSearchError, match="needs held-out real text: set data.eval_sources"):
+        ws.long_context((16, 48), 96)
+    data = ws.space.data.model_copy(update={"eval_sources": ["python-docs"]})
+    monkeypatch.setattr(ws, "space", ws.space.model_copy(update={"data": data}))
+    teacher = ws.long_context((48, 16), 96)  # any order: spans from 0 up
+    assert list(teacher) == ["0-16", "16-48"] and all(v > 1 for v in teacher.values())
+    blocks = ws._long[(48, 96)]
+    assert blocks.shape == (2, 48)
+    assert list(teacher.values()) == perplexity_by_position(ws.model, blocks, (0, 16, 48))
+    with ws.student(Plan.parse("SL8NS")):
+        student = ws.long_context((16, 48), 96)
+    assert student != teacher and ws.long_context((16, 48), 96) == teacher  # the teacher is back
+
+
 def test_student_restores_when_the_body_raises(ws):
     ids = ws.heldout.blocks[:1]
     ref = ws.model(ids).logits.clone()

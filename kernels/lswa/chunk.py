@@ -22,8 +22,6 @@ with S0 = 0 (HAS_START=False) and nothing is loaded. Masked scores never reach e
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl

@@ -5,6 +5,7 @@ import argparse
 import shutil
 from pathlib import Path
 
+from ..errors import LBSearchError
 from ..recipe import HealConfig
 from .common import Command, add_common, check_positive, early_plan, model_name, open_workspace, out_dir
 
@@ -50,13 +51,20 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-tokens", type=int, help="checkpoint every N tokens (default 1M)")
     p.add_argument("--eval-every", type=int, metavar="TOKENS", help="held-out quality every N tokens (default: off)")
     p.add_argument("--no-resume", action="store_true", help="discard existing checkpoints in --out and start over")
+    p.add_argument("--long-context", type=int, nargs="+", metavar="L",
+                   help="also report perplexity on held-out real text per span of context, [0, L1), [L1, L2), ... "
+                        "(e.g. 512 2048 4096), teacher and healed: whether the plan drifts with the context")
+    p.add_argument("--long-tokens", type=int, help="real-text tokens of the long-context set (default: 8 blocks "
+                   "of the longest length)")
 
 
 def run(args) -> None:
     from ..export import save_healed
 
     check_positive(args, "tokens", "transfer_steps", "batch_size", "grad_accum", "checkpoint_tokens", "corpus_tokens",
-                   "seq_len")
+                   "seq_len", "long_tokens")
+    if args.long_context and min(args.long_context) <= 0:
+        raise LBSearchError(f"--long-context {' '.join(map(str, args.long_context))}: lengths must be positive")
     plan = early_plan(args, args.plan)  # bad plans and recipes fail here, before the teacher loads
     overrides = {field: getattr(args, flag) for flag, field in FLAGS.items() if getattr(args, flag) is not None}
     if args.no_lora_mlp:
@@ -74,17 +82,23 @@ def run(args) -> None:
     if args.no_resume:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     teacher = ws.evaluate()
+    lengths = tuple(args.long_context or ())
+    long_tokens = args.long_tokens or 8 * max(lengths, default=0)
+    long = {"teacher": ws.long_context(lengths, long_tokens)} if lengths else {}
     with ws.student(plan) as _:
         before = ws.evaluate_assembled(plan)
     session = ws.student(plan, cfg, checkpoints=out, evaluator=cfg.eval_tokens > 0)
     with session as model:
         after = ws.evaluate()
+        if lengths:
+            long["after"] = ws.long_context(lengths, long_tokens)
         state = session.heal_state
         report = {"plan": str(plan), "config_tokens": cfg.tokens, "tokens": state.tokens, "seconds": state.seconds,
                   "tokens_per_s": state.tokens / max(state.seconds, 1e-9), "curve": state.evals,
                   "final_loss": state.losses[-1] if state.losses else None, "data_sources": ws.data_sources(),
                   **{name: {k: q[name].to_dict() for k, q in (("teacher", teacher), ("before", before),
-                                                               ("after", after))} for name in teacher}}
+                                                               ("after", after))} for name in teacher},
+                  **({"long_context": long} if long else {})}
         save_healed(model, plan, cfg, out / "healed", report)
     counts = ", ".join(f"{plan.count(k)} {k}" for k in ("softmax", "lswa", "none"))
     print(f"plan {plan} ({counts})")
@@ -92,9 +106,19 @@ def run(args) -> None:
         print(f"\n{name}: {'':2} {'KL':>8} {'ppl':>9} {'agree':>7}")
         for row, q in (("teacher", teacher), ("before", before), ("after", after)):
             print(f"  {row:8} {q[name].kl:8.4f} {q[name].perplexity:9.3f} {q[name].agreement:7.3f}")
+    if long:
+        print_long_context(long, ws.space.data.eval_sources[0])
     print(f"\nhealed on {state.tokens} tokens in {state.seconds:.1f} s ({report['tokens_per_s']:.0f} tok/s)")
     print(f"wrote healed model: {out / 'healed'} (load with lbsearch.export.load_healed)")
     print(f"block library: {ws.library.root}")
+
+
+def print_long_context(long: dict, source: str) -> None:
+    spans = list(long["teacher"])
+    print(f"\n{source}, perplexity by context span:\n  {'':8}" + "".join(f"{s:>13}" for s in spans))
+    for row in ("teacher", "after"):
+        print(f"  {row:8}" + "".join(f"{long[row][s]:13.3f}" for s in spans))
+    print(f"  {'ratio':8}" + "".join(f"{long['after'][s] / long['teacher'][s]:12.2f}x" for s in spans))
 
 
 COMMAND = Command(name="heal", help="heal a plan: per-layer transfer into the block library, then distillation "
