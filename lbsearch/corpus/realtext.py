@@ -114,8 +114,10 @@ def without_eval_text(text: str, grams: frozenset[int]) -> str:
 
 
 # -- real training text on every machine ----------------------------------------------------------
-def installed_distributions() -> list:
-    """Installed distributions with a long description (>= 500 characters), one per name, by name."""
+@functools.lru_cache(maxsize=1)
+def installed_distributions() -> tuple:
+    """Installed distributions with a long description (>= 500 characters), one per name, by name
+    (read once per process: a source's check, identity and draw all ask)."""
     import importlib.metadata as md
 
     seen, out = set(), []
@@ -124,7 +126,7 @@ def installed_distributions() -> list:
         if name and name not in seen and len(_description(dist)) >= 500:
             seen.add(name)
             out.append(dist)
-    return out
+    return tuple(out)
 
 
 def _description(dist) -> str:

@@ -1,8 +1,8 @@
 """The kinds of training-text source (``data.sources``), one record each in :data:`SOURCE_KINDS`.
 
 A source string names its kind: a registered name (``teacher-prompts``, ``teacher-unconditional``,
-``package-docs``), a local file or folder, else a hub dataset. Each kind says which options it takes (and their defaults),
-checks a source cheaply before anything heavy, names what shapes its documents (cache and corpus
+``package-docs``), a local file or folder, else a hub dataset. Each kind says which options it takes
+(and their defaults), checks a source cheaply before anything heavy, names what shapes its documents (cache and corpus
 keys) and draws about ``n`` tokens of documents, each with the group the split keeps together.
 Nothing else branches on a kind's name.
 """
@@ -168,7 +168,6 @@ def draw_texts(ds, prefix: str, n_tokens: int, ctx: DrawContext, chunk: int = 25
     import numpy as np
 
     grams = eval_ngrams(tuple(ctx.eval_sources), ctx.text_field) if ctx.eval_sources else frozenset()
-
     groups = [f"{prefix}:{i}" for i in range(len(ds))]
     allowed = np.array([i for i, g in enumerate(groups) if ctx.keep is None or ctx.keep(g)], dtype=np.int64)
     order = allowed[np.random.default_rng(ctx.seed).permutation(len(allowed))]
