@@ -212,6 +212,9 @@ class Workspace:
         per span of predicted positions [0, L1), [L1, L2), ...: a plan whose ratio to the teacher grows
         from span to span drifts with the context (BENCHMARKS.md, long contexts)."""
         lengths = tuple(sorted(set(lengths)))
+        window = getattr(self.model.config, "max_position_embeddings", None)
+        if window and lengths[-1] > window:
+            raise LBSearchError(f"long context: {lengths[-1]} tokens is past the model's context window ({window})")
         key = (lengths[-1], tokens)
         if key not in self._long:
             source = self.space.data.eval_sources[0] if self.space.data.eval_sources else None

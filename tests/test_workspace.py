@@ -110,6 +110,9 @@ def test_long_context_perplexity_per_span_of_the_model_as_it_is(ws, monkeypatch)
         ws.long_context((16, 48), 96)
     data = ws.space.data.model_copy(update={"eval_sources": ["python-docs"]})
     monkeypatch.setattr(ws, "space", ws.space.model_copy(update={"data": data}))
+    window = ws.model.config.max_position_embeddings
+    with pytest.raises(LBSearchError, match=rf"{window + 1} tokens is past the model's context window \({window}\)"):
+        ws.long_context((16, window + 1), 96)
     teacher = ws.long_context((48, 16), 96)  # any order: spans from 0 up
     assert list(teacher) == ["0-16", "16-48"] and all(v > 1 for v in teacher.values())
     blocks = ws._long[(48, 96)]
