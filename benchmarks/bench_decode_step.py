@@ -3,7 +3,8 @@
 For each shape (random bf16 weights) and plan: the CUDA-graph step time at ``--batch`` rows and
 ``--context`` cached tokens, CUDA kernels per step and per decoder layer (torch.profiler over one
 eager-mode step; per layer = (step - the step without its decoder layers) / layers), the bytes-floor
-(weights the plan reads + every cache, at ``--bandwidth``) and step/floor. Then static-batch serving
+(weights the plan reads + every cache, at ``--bandwidth``: by default the device's measured copy
+bandwidth) and step/floor. Then static-batch serving
 (``--serving PROMPT/OUTPUT`` pairs, concurrency ``--batch``): tokens/s of each plan under the eager and
 fused engines, speedups over the base of the same engine and the fused/eager ratio, side by side.
 
@@ -27,7 +28,7 @@ import torch
 from lbsearch import Plan, apply_plan
 from lbsearch.cost import ModelShape, kv_bytes_per_seq
 from lbsearch.engine import DecodeEngine
-from lbsearch.profile import Timer, fake_fill, random_model
+from lbsearch.profile import Timer, fake_fill, measure_machine, random_model
 
 ENGINES = {"eager": dict(fused=False), "fused": dict(fused=True),
            "fused-fmap-in": dict(fused=True, fmap_in_decode=True),  # the LSWA feature map inside its decode kernel
@@ -255,7 +256,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=32, help="graph replays per timing")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--serving-repeats", type=int, default=2)
-    p.add_argument("--bandwidth", type=float, default=4.2e12, help="bytes/s of the floor (H200: 4.2 TB/s)")
+    p.add_argument("--bandwidth", type=float, default=0.0,
+                   help="bytes/s of the floor (default: this device's measured copy bandwidth; H200 about 4.2e12)")
     p.add_argument("--serving", nargs="*", default=["1024/256", "4096/128"], help="PROMPT/OUTPUT pairs")
     p.add_argument("--no-serving", action="store_true")
     p.add_argument("--smoke", action="store_true", help="tiny random CPU model, no CUDA graph (a test runs it)")
@@ -272,6 +274,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.bandwidth <= 0:
+        args.bandwidth = measure_machine("cuda" if torch.cuda.is_available() else "cpu").bandwidth
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
