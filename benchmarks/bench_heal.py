@@ -3,6 +3,7 @@
 GPU:  python benchmarks/bench_heal.py --model /tmp/smol.gguf --tokens 10000000 --runs threshold remove uniform
       python benchmarks/bench_heal.py --model /tmp/smol.gguf --tokens 2000000 --runs uniform-s0 threshold-no-lora
 CPU:  python benchmarks/bench_heal.py --device cpu --tokens 4096 --runs threshold
+      (--long-context 512 2048 4096 [--horizons 1536]: real-text ppl per span of context [linear part bounded])
 Plans: threshold = the paper's heuristic on the measured sensitivity table (10 none, 10 lswa,
 layers 0-1 pinned softmax); remove = the same 10 layers removed, the rest softmax; uniform = every
 layer lswa but 0 and 1. A run is a plan plus changes (LSWA spec, transfer, healing config); see
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from lbsearch.attention.lswa import linear_horizon
 from lbsearch.plan import Plan
 from lbsearch.sensitivity import SensitivityTable, remove_only_plan, threshold_plan, uniform_plan
 from lbsearch.space import load_space
@@ -77,6 +79,8 @@ RUNS = {
     "uniform-r16-L512": Run("uniform", heal=dict(lora_rank=16, lora_alpha=32, seq_len=0)),
     "remove-r16-L512": Run("remove", heal=dict(lora_rank=16, lora_alpha=32, seq_len=0)),
     "uniform-L2048": Run("uniform", heal=dict(seq_len=2048, batch_size=8)),
+    "uniform-w128-L4096": Run("uniform", spec=dict(window=128), heal=dict(seq_len=4096)),
+    "threshold-w128-L4096": Run("threshold", spec=dict(window=128), heal=dict(seq_len=4096)),
 }
 
 
@@ -111,6 +115,21 @@ def print_table(results: dict) -> None:
               f"{r['seconds']:4.0f}")
 
 
+def print_long_table(results: dict) -> None:
+    """Real-text perplexity per span of context over the teacher's, per run (and per linear horizon)."""
+    rows = [(name, "-", r["long_context"]["span_ppl"]) for name, r in results["runs"].items() if "long_context" in r]
+    rows += [(name, h, spans) for name, r in results["runs"].items()
+             for h, spans in r.get("long_context", {}).get("horizons", {}).items()]
+    if not rows:
+        return
+    teacher = next(iter(results["runs"].values()))["teacher"]["long_context"]["span_ppl"]
+    print("\nlong context: python-docs ppl per span (ratio to the teacher's)")
+    print(f"{'run':22} {'horizon':>7} " + " ".join(f"{k:>16}" for k in teacher))
+    print(f"{'teacher':22} {'-':>7} " + " ".join(f"{v:16.2f}" for v in teacher.values()))
+    for name, h, spans in rows:
+        print(f"{name:22} {h:>7} " + " ".join(f"{spans[k]:9.2f} ({spans[k] / teacher[k]:4.2f})" for k in teacher))
+
+
 def mixture_entry(text: str) -> dict:
     """``source=weight`` (or ``source``: weight 1) as a data.sources entry."""
     source, _, weight = text.rpartition("=") if "=" in text else (text, "", "1")
@@ -134,6 +153,11 @@ def heal_run(ws: Workspace, name: str, plan: Plan, run: Run, args, teacher: dict
     with session:
         after = ws.evaluate()
         long = long_context(ws, args) if args.long_context else None
+        if long and args.horizons:  # the same student with its linear part bounded (an evaluation option)
+            long["horizons"] = {}
+            for h in args.horizons:
+                with linear_horizon(ws.model, h):
+                    long["horizons"][str(h)] = long_context(ws, args)["span_ppl"]
     state = session.heal_state
     return {"plan": str(plan), "heal": asdict(cfg), "teacher": teacher, "before": {k: q.to_dict() for k, q in before.items()},
             "after": {k: q.to_dict() for k, q in after.items()}, "tokens": state.tokens, "seconds": state.seconds,
@@ -170,6 +194,9 @@ def main() -> None:
     p.add_argument("--long-context", type=int, nargs="*", default=[],
                    help="also measure real-text perplexity per position span up to these lengths (e.g. 512 2048 4096)")
     p.add_argument("--long-tokens", type=int, default=65536, help="real-text tokens of the long-context set")
+    p.add_argument("--horizons", type=int, nargs="*", default=[],
+                   help="with --long-context: measure each healed student again with its LSWA linear part bounded "
+                        "at these many keys (lbsearch.attention.lswa.linear_horizon), e.g. 512 1536")
     p.add_argument("--sources", nargs="+", metavar="SOURCE=WEIGHT",
                    help="the training mixture instead of the space's, e.g. teacher-prompts=0.6 "
                         "teacher-unconditional=0.2 package-docs=0.2")
@@ -218,6 +245,7 @@ def main() -> None:
         print(f"{name}: ppl {h['before']:.2f} -> {h['after']:.2f} (teacher {h['teacher']:.2f}; "
               f"{report['tokens_per_s']:.0f} tok/s; {time.perf_counter() - t0:.0f} s elapsed)", flush=True)
     print_table(results)
+    print_long_table(results)
 
 
 if __name__ == "__main__":

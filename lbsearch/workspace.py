@@ -17,6 +17,7 @@ import torch
 
 from .attention import ORIGINAL
 from .cost import CostTable, ModelShape, spec_key, target_table
+from .corpus.mixture import teacher_text
 from .corpus.splits import held_out_groups
 from .data import (Corpus, blocks_hash, build_corpus, check_sources, eval_texts, pack_blocks, reblock,
                    split_corpus)
@@ -123,7 +124,7 @@ class Workspace:
         blocks = {"train": pack_blocks(splits["train"], tokenizer, seq),
                   "calibration": pack_blocks(splits["calibration"], tokenizer, seq,
                                              max_tokens=budgets.calibration_tokens),
-                  "heldout": pack_blocks(splits["heldout"], tokenizer, seq,
+                  "heldout": pack_blocks(teacher_text(splits["heldout"], corpus), tokenizer, seq,
                                          max_tokens=max(budgets.eval_tokens, budgets.sensitivity_tokens))}
         batch = device_defaults.eval_batch_size
 

@@ -10,7 +10,7 @@ from conftest import tiny_model, write_tiny_space
 
 from lbsearch import LBSearchError
 from lbsearch.corpus import teacher
-from lbsearch.corpus.mixture import build_corpus, corpus_key
+from lbsearch.corpus.mixture import build_corpus, corpus_key, teacher_text
 from lbsearch.corpus.splits import split_corpus, split_of
 from lbsearch.data import stdlib_dir
 from lbsearch.space import DataConfig, parse_space
@@ -122,6 +122,24 @@ def test_split_keeps_every_prompt_in_one_split(model, tokenizer, cache_home, tmp
     assert all(split_of(g, cfg.seed, cfg.heldout_fraction, cfg.calibration_fraction) == "train"
                for g in healing.dataset["group"])
     assert not set(healing.dataset["group"]) & (set(splits["heldout"]["group"]) | set(splits["calibration"]["group"]))
+
+
+def test_heldout_teacher_text_is_the_teachers_whatever_real_text_joins_the_mixture(model, tokenizer, cache_home,
+                                                                                   tmp_path):
+    """Real text in the mixture (package-docs, files) stays out of the held-out *teacher* text, so that its
+    KL means the same with or without it; a mixture with no teacher source keeps its held-out split."""
+    docs = write_docs(tmp_path / "real.jsonl", 120, tag="zebra")
+    cfg = data({"source": "teacher-prompts", **SHORT}, {"source": str(docs), "weight": 0.5}, corpus_tokens=900)
+    corpus = build_corpus(cfg, model, tokenizer, progress=False)
+    held = split_corpus(corpus.dataset, cfg)["heldout"]
+    assert set(held["source"]) == {0, 1}  # the split itself holds both
+    kept = teacher_text(held, corpus)
+    assert 0 < len(kept) < len(held) and set(kept["source"]) == {0}
+    assert not any(t.startswith("zebra") for t in kept["text"])
+    only_real = data({"source": str(docs)}, corpus_tokens=300)
+    real = build_corpus(only_real, None, tokenizer, progress=False)
+    real_held = split_corpus(real.dataset, only_real)["heldout"]
+    assert len(teacher_text(real_held, real)) == len(real_held)
 
 
 # -- bad sources: one line, before heavy work --------------------------------------------------------------
@@ -243,6 +261,12 @@ def test_workspace_names_each_source_and_the_run_writes_them(tokenizer, tmp_path
     assert [(s["kind"], s["weight"]) for s in corpus["sources"]] == [("file", 0.75), ("teacher-unconditional", 0.25)]
     assert all(s["tokens"] >= s["target_tokens"] > 0 for s in corpus["sources"])
     assert ws.data_sources()["healing"] is None  # not drawn yet
+    # held-out teacher text is the teacher's: none of the file's held-out documents is in it
+    held_text = ws.tokenizer.decode(ws.blocks["heldout"].flatten())
+    file_docs = [json.loads(line)["text"] for line in (tmp_path / "corpus.jsonl").read_text().splitlines()]
+    held_docs = set(split_corpus(ws.corpus.dataset, ws.space.data)["heldout"]["text"])
+    assert any(d in held_docs for d in file_docs)
+    assert not any(" ".join(d.split()[:6]) in held_text for d in file_docs)
     assert ws.healing_blocks.shape[1] == 32
     healing = ws.data_sources()["healing"]
     assert healing["train_groups_only"] and healing["tokens"] >= 600 and healing["key"] != corpus["key"]

@@ -7,10 +7,12 @@ the exact softmax part (window + sinks) against the linear part.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
+from ..errors import LBSearchError
 from ..kernels.lswa import LSWAState, ops
 from .base import AttentionKind, SpecField
 from .common import (CountingCacheLayer, cache_layer, left_padding, out_projection, pick_cache, project_qkv,
@@ -38,6 +40,16 @@ class HedgehogFeatureMap(nn.Module):
         dt = torch.promote_types(x.dtype, torch.float32)  # low-precision inputs: features in fp32
         z = torch.einsum("btkgd,kdf->btkgf", x.to(dt).view(b, t, kv, h // kv, d), self.weight.to(dt))
         return torch.cat([z.softmax(-1), (-z).softmax(-1)], -1).view(b, t, h, -1)
+
+
+def horizon_scale(positions: torch.Tensor, window: int, sinks: int, horizon: int) -> torch.Tensor:
+    """Factor on the linear weights of queries at ``positions`` (real-token indices): 1 while a query has
+    at most ``horizon`` linear keys (those before its window, sinks excluded), then ``horizon`` over
+    their number. Past ``horizon`` the linear part then weighs as much as ``horizon`` average keys,
+    however long the context: a bounded normaliser (the plain sum grows with the context, and a student
+    drifts past the lengths it healed on; BENCHMARKS.md, long contexts)."""
+    n = (positions - window - sinks + 1).clamp(min=1).to(torch.float64)  # exact for float64 checks
+    return (horizon / n).clamp(max=1.0)
 
 
 class LSWACacheLayer(CountingCacheLayer):
@@ -85,6 +97,9 @@ class LSWAttention(nn.Module):
         self.feature_map = HedgehogFeatureMap(kv_heads, base.head_dim, spec.feature_dim).to(**like)
         self.gate_logit = nn.Parameter(torch.full((n_heads,), GATE_INIT_LOGIT, **like))
         self.backend: str | None = None  # None: ops' automatic choice (Triton on CUDA)
+        # An evaluation option, not part of the plan (:func:`linear_horizon`): bound the linear part's
+        # mass at this many keys (:func:`horizon_scale`); the decode engine does not take it.
+        self.linear_horizon: int | None = None
 
     def new_parameters(self) -> dict[str, nn.Parameter]:
         """The parameters LSWA adds to the layer (trained by transfer and healing)."""
@@ -101,13 +116,15 @@ class LSWAttention(nn.Module):
         state counts real tokens only, so a padded row decodes exactly like the row alone).
         """
         fq, fk, gate, scale = self.kernel_inputs(q, k)
+        layer = None if cache is None else cache_layer(cache, self.layer_idx, LSWACacheLayer)
+        if self.linear_horizon:
+            fq = fq * self._horizon_factor(q, start, layer).to(fq.dtype)
         if torch.is_autocast_enabled(q.device.type):  # like SDPA under autocast: low-precision tensor cores
             dt = torch.get_autocast_dtype(q.device.type)
             q, k, v, fq, fk = (x.to(dt) for x in (q, k, v, fq, fk))
         args = dict(gate=gate, scale=scale, backend=self.backend)
-        if cache is None:
+        if layer is None:
             return ops.lswa(q, k, v, fq, fk, window=self.window, sinks=self.sinks, start=start, **args)
-        layer = cache_layer(cache, self.layer_idx, LSWACacheLayer)
         if layer.state is None:
             out, layer.state = ops.lswa(q, k, v, fq, fk, window=self.window, sinks=self.sinks,
                                         return_state=True, start=start, **args)
@@ -117,6 +134,18 @@ class LSWAttention(nn.Module):
             out = torch.stack(steps, 1)
         layer.seen += q.shape[1]
         return out
+
+    def _horizon_factor(self, q, start, layer) -> torch.Tensor:
+        """[B, T, 1, 1] :func:`horizon_scale` of q's tokens: real-token indices from 0 (left pads below), or
+        from the tokens the cache has seen when it decodes."""
+        if layer is not None and layer.state is not None:
+            first = layer.state.pos
+        elif start is not None:
+            first = -start.to(q.device)
+        else:
+            first = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+        positions = first.view(-1, 1) + torch.arange(q.shape[1], device=q.device)
+        return horizon_scale(positions, self.window, self.sinks, self.linear_horizon)[..., None, None]
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None, *args, **kwargs):
         q, k, v = project_qkv(self.base, hidden_states, position_embeddings)
@@ -129,11 +158,29 @@ def build(attn: nn.Module, spec) -> nn.Module:
     return LSWAttention(attn, spec)
 
 
+@contextmanager
+def linear_horizon(model: nn.Module, horizon: int | None):
+    """Every LSWA layer of ``model`` bounds its linear part at ``horizon`` keys inside the block (None:
+    unbounded, as trained); the earlier setting comes back afterwards."""
+    layers = [m for m in model.modules() if isinstance(m, LSWAttention)]
+    saved = [m.linear_horizon for m in layers]
+    for m in layers:
+        m.linear_horizon = horizon
+    try:
+        yield layers
+    finally:
+        for m, h in zip(layers, saved):
+            m.linear_horizon = h
+
+
 class LSWARunner:
     """Decode engine: constant-size LSWA state; prefill and decode through lbsearch.kernels.lswa."""
 
     def __init__(self, layer, batch: int, max_len: int, like: torch.Tensor):
         self.mod = layer.self_attn
+        if self.mod.linear_horizon:
+            raise LBSearchError(f"layer {self.mod.layer_idx}: linear_horizon is an evaluation option of the "
+                                "model's forward; the decode engine does not take it")
         base = self.mod.base
         kv_heads = base.k_proj.out_features // base.head_dim
         self.st = LSWAState.empty(batch, kv_heads, base.head_dim, self.mod.feature_dim, self.mod.window,

@@ -3,8 +3,9 @@
 :func:`check_sources` runs every source's cheap checks (before the teacher loads);
 :func:`build_corpus` draws each source's share, interleaves the documents in a seeded order (so
 every prefix of a split mixes the sources) and says what each source gave (:class:`SourceDraw`,
-the run's metadata). Sampled sources are cached by :mod:`lbsearch.corpus.teacher`; the corpus as a
-whole is named by :func:`corpus_key`.
+the run's metadata); :func:`teacher_text` keeps a split's teacher-written documents. Sampled
+sources are cached by :mod:`lbsearch.corpus.teacher`; the corpus as a whole is named by
+:func:`corpus_key`.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 from ..errors import LBSearchError
 from ..io import stable_hash
-from .sources import DrawContext, Source, resolve
+from .sources import SOURCE_KINDS, DrawContext, Source, resolve
 from .splits import split_of
 from .teacher import batch_rows, sampler_key
 
@@ -134,6 +135,17 @@ def build_corpus(cfg, model=None, tokenizer=None, *, model_key: str = "model", b
                             "source": [origin[i] for i in order], "tokens": [counts[i] for i in order]})
     key = corpus_key(cfg, model, model_key, batch_size, n, seed, train_only, exclude_groups)
     return Corpus(ds, tuple(draws), key, sum(counts), train_only)
+
+
+def teacher_text(ds, corpus: Corpus):
+    """The documents of ``ds`` (a split of ``corpus``) that the teacher wrote, when the mixture also has
+    other text: held-out teacher text stays the teacher's whatever real text joins the mixture (real
+    text has its own sets, ``data.eval_sources``). Else, or if none is left, all of ``ds``."""
+    written = {d.index for d in corpus.sources if SOURCE_KINDS[d.kind].generated}
+    if not written or len(written) == len(corpus.sources) or "source" not in ds.column_names:
+        return ds
+    keep = [i for i, s in enumerate(ds["source"]) if s in written]
+    return ds.select(keep) if keep else ds
 
 
 def _interleave(n: int, seed: int) -> list[int]:
