@@ -204,6 +204,8 @@ def main() -> None:
     p.add_argument("--out", default=os.environ.get("OUT", "runs/bench_heal"), help="bench_heal.json goes here")
     p.add_argument("--work", default="runs/bench_heal_work", help="checkpoints")
     args = p.parse_args()
+    if any(h < 1 for h in args.horizons):
+        p.error(f"--horizons: {args.horizons}: each a whole number of keys >= 1")
     t0 = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -126,10 +126,14 @@ def test_linear_horizon_counts_real_tokens_of_a_left_padded_row():
             assert (logits[b, width - len(r):] - alone).abs().max() < 1e-9, b
 
 
-def test_decode_engine_refuses_a_linear_horizon():
+def test_decode_engine_refuses_a_linear_horizon_and_bad_horizons_are_one_line_errors():
     from lbsearch import LBSearchError
     from lbsearch.engine import DecodeEngine
 
     model, handle, _ = lswa_model(window=3, sinks=1, gate_mean=-1.0)
     with handle, linear_horizon(model, 4), pytest.raises(LBSearchError, match="linear_horizon is an evaluation option"):
         DecodeEngine(model.float(), batch=2, max_len=32)
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(LBSearchError, match=r"linear_horizon: .*must be a whole number of keys >= 1"):
+            with linear_horizon(model, bad):
+                pass

@@ -162,6 +162,8 @@ def build(attn: nn.Module, spec) -> nn.Module:
 def linear_horizon(model: nn.Module, horizon: int | None):
     """Every LSWA layer of ``model`` bounds its linear part at ``horizon`` keys inside the block (None:
     unbounded, as trained); the earlier setting comes back afterwards."""
+    if horizon is not None and (isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1):
+        raise LBSearchError(f"linear_horizon: {horizon!r}: must be a whole number of keys >= 1, or None")
     layers = [m for m in model.modules() if isinstance(m, LSWAttention)]
     saved = [m.linear_horizon for m in layers]
     for m in layers:
