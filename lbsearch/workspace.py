@@ -24,7 +24,7 @@ from .data import (Corpus, blocks_hash, build_corpus, check_sources, eval_texts,
 from .distill import BlockLibrary, add_tuning, heal, remove_tuning, trainable_pairs
 from .errors import LBSearchError
 from .evaluate import PrefixStates, Quality, TeacherLogits, evaluate, perplexity_by_position, teacher_logits
-from .io import cache_dir
+from .io import cache_dir, stable_hash
 from .models import load_teacher, load_tokenizer, model_key
 from .plan import Plan
 from .recipe import HealConfig, TransferConfig
@@ -178,6 +178,13 @@ class Workspace:
                                            seed=data.seed + 1, train_only=True, exclude_groups=self.held_groups,
                                            progress=self.progress)
         return pack_blocks(self.healing_corpus.dataset, self.tokenizer, data.seq_len)
+
+    def data_key(self) -> str:
+        """What this workspace scores on: the corpus key (sources and what shapes them, e.g. the installed
+        distributions behind package-docs) and the held-out real text's blocks. Workers of one search
+        must agree on it."""
+        return stable_hash(self.corpus.key if self.corpus else None,
+                           {name: blocks_hash(ev.blocks) for name, ev in self.real_text.items()})
 
     def data_sources(self) -> dict:
         """What each source gave: the corpus split into train / calibration / held-out, and the healing

@@ -140,6 +140,28 @@ def test_bad_worker_counts_fail_before_ray_starts(tiny):
         RayExecutor(tiny.spec, workers=1, cpus_per_worker=0)
 
 
+def test_a_worker_with_other_data_than_the_first_may_not_score(monkeypatch):
+    """Workers must score on one corpus and one evaluation text: one opened on other data (another image:
+    other packages behind package-docs, another Python behind python-docs) is refused in one line."""
+    import lbsearch.executors.ray as rx
+
+    ex = object.__new__(rx.RayExecutor)
+    ex._booting, ex._actors, ex._data, ex.workers = {}, [], None, 3
+    ex._boot_failures, ex._last_boot_error, ex._serving = 0, "", False
+    replies = {"a": ("h1:1", None, "k1"), "b": ("h2:2", None, "k1"), "c": ("h3:3", None, "k2")}
+    monkeypatch.setattr(rx.ray, "get", lambda ref: replies[ref])
+    monkeypatch.setattr(rx.ray, "kill", lambda handle, no_restart: None)
+    actors = {ref: rx._Actor(handle=ref) for ref in replies}
+    ex._booting, ex._actors = dict(actors), list(actors.values())
+    ex._booted("a")
+    ex._booted("b")
+    assert actors["a"].ready and actors["b"].ready and ex._last_boot_error == ""
+    ex._booted("c")
+    assert not actors["c"].ready and actors["c"] not in ex._actors
+    assert re.fullmatch(r"worker h3:3 opened other data than worker h1:1 \(data key k2 vs k1\): .*one image",
+                        ex._last_boot_error)
+
+
 @pytest.mark.slow
 def test_sigkill_of_a_worker_mid_job_loses_and_duplicates_nothing(ray_executor):
     ex = ray_executor

@@ -44,6 +44,16 @@ def test_workspace_holds_the_splits_logits_and_library(ws):
     assert not hasattr(ws.model, "lbsearch_key") and not hasattr(ws.model, "lbsearch_handle")
 
 
+def test_data_key_names_the_corpus_and_the_evaluation_text(ws, monkeypatch):
+    """What Ray workers compare: the same workspace gives the same key; another corpus, another key."""
+    import dataclasses
+
+    key = ws.data_key()
+    assert key == ws.data_key() and len(key) == 12
+    monkeypatch.setattr(ws, "corpus", dataclasses.replace(ws.corpus, key="another-corpus"))
+    assert ws.data_key() != key
+
+
 def test_five_students_in_a_row_leave_the_teacher_bit_identical(ws, tmp_path):
     ids = ws.heldout.blocks[:2]
     ref = ws.model(ids).logits.clone()

@@ -77,9 +77,10 @@ class _Worker:
         except Exception as exc:  # noqa: BLE001 - reported by ready(), the executor decides
             self.error = one_line(exc)
 
-    def ready(self) -> tuple[str, str | None]:
-        """(host:pid, None) once the Workspace is open, or (host:pid, why it could not open)."""
-        return self.name, self.error
+    def ready(self) -> tuple[str, str | None, str | None]:
+        """(host:pid, None, the Workspace's data key) once it is open, or (host:pid, why it could not open,
+        None)."""
+        return self.name, self.error, None if self.ws is None else self.ws.data_key()
 
     def score(self, job: Job) -> tuple[str, object, str | None, dict]:
         """(host:pid, TrialResult or None, error or None, details)."""
@@ -177,6 +178,7 @@ class RayExecutor(Executor):
         self._queue: deque[_Task] = deque()
         self._done: list[Outcome] = []
         self._boot_failures, self._last_boot_error, self._serving = 0, "", False
+        self._data: tuple[str, str | None] | None = None  # (first worker, its data key)
         for _ in range(workers):
             self._start_actor()
         self._await_workers(start_timeout)
@@ -265,9 +267,11 @@ class RayExecutor(Executor):
         replacements keep failing (``workers`` times in a row)."""
         actor = self._booting.pop(ref)
         try:
-            actor.name, error = ray.get(ref)
+            actor.name, error, key = ray.get(ref)
         except RayError as exc:
-            error = one_line(exc)
+            error, key = one_line(exc), None
+        if error is None:
+            error = self._other_data(actor.name, key)
         if error is None:
             actor.ready, self._boot_failures = True, 0
             return
@@ -276,6 +280,20 @@ class RayExecutor(Executor):
         self._drop(actor)
         if self._serving and self._boot_failures <= self.workers:
             self._start_actor()
+
+    def _other_data(self, name: str, key: str | None) -> str | None:
+        """Why a worker may not score: its corpus or evaluation text differ from the first worker's (the
+        data key names both; another image has other packages for package-docs, another Python other
+        python-docs), so its scores would not compare. None when they agree."""
+        if self._data is None:
+            self._data = (name, key)
+            return None
+        first, want = self._data
+        if key == want:
+            return None
+        return (f"worker {name} opened other data than worker {first} (data key {key} vs {want}): the corpus "
+                "depends on the installed packages (package-docs), the Python (python-docs) and the device "
+                "kind; run every worker from one image")
 
     def _drop(self, actor: _Actor) -> None:
         ray.kill(actor.handle, no_restart=True)
