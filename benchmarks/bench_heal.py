@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
+import yaml
 
 from lbsearch.attention.lswa import linear_horizon
 from lbsearch.plan import Plan
@@ -131,9 +132,17 @@ def print_long_table(results: dict) -> None:
 
 
 def mixture_entry(text: str) -> dict:
-    """``source=weight`` (or ``source``: weight 1) as a data.sources entry."""
-    source, _, weight = text.rpartition("=") if "=" in text else (text, "", "1")
-    return {"source": source, "weight": float(weight)}
+    """``source=weight[:option=value...]`` (weight 1 when left out) as a data.sources entry, e.g.
+    ``teacher-unconditional=0.2:max_new_tokens=2048``."""
+    head, *options = text.split(":")
+    source, _, weight = head.rpartition("=") if "=" in head else (head, "", "1")
+    entry = {"source": source, "weight": float(weight)}
+    for option in options:
+        key, eq, value = option.partition("=")
+        if not eq:
+            raise SystemExit(f"--sources: {text!r}: {option!r} is not option=value")
+        entry[key] = yaml.safe_load(value)
+    return entry
 
 
 def heal_run(ws: Workspace, name: str, plan: Plan, run: Run, args, teacher: dict) -> dict:
@@ -197,9 +206,9 @@ def main() -> None:
     p.add_argument("--horizons", type=int, nargs="*", default=[],
                    help="with --long-context: measure each healed student again with its LSWA linear part bounded "
                         "at these many keys (lbsearch.attention.lswa.linear_horizon), e.g. 512 1536")
-    p.add_argument("--sources", nargs="+", metavar="SOURCE=WEIGHT",
+    p.add_argument("--sources", nargs="+", metavar="SOURCE=WEIGHT[:OPTION=VALUE]",
                    help="the training mixture instead of the space's, e.g. teacher-prompts=0.6 "
-                        "teacher-unconditional=0.2 package-docs=0.2")
+                        "teacher-unconditional=0.2:max_new_tokens=2048 package-docs=0.2")
     p.add_argument("--tag", default="", help="suffix of the result file: bench_heal<tag>.json")
     p.add_argument("--out", default=os.environ.get("OUT", "runs/bench_heal"), help="bench_heal.json goes here")
     p.add_argument("--work", default="runs/bench_heal_work", help="checkpoints")
