@@ -24,11 +24,12 @@ from pathlib import Path
 
 import torch
 import yaml
+from pydantic import ValidationError
 
 from lbsearch.attention.lswa import linear_horizon
 from lbsearch.plan import Plan
 from lbsearch.sensitivity import SensitivityTable, remove_only_plan, threshold_plan, uniform_plan
-from lbsearch.space import load_space
+from lbsearch.space import SourceConfig, load_space
 from lbsearch.workspace import Workspace
 
 TABLE = Path(__file__).parent / "results" / "smollm2-135m_sensitivity.json"
@@ -133,16 +134,21 @@ def print_long_table(results: dict) -> None:
 
 def mixture_entry(text: str) -> dict:
     """``source=weight[:option=value...]`` (weight 1 when left out) as a data.sources entry, e.g.
-    ``teacher-unconditional=0.2:max_new_tokens=2048``."""
+    ``teacher-unconditional=0.2:max_new_tokens=2048``; ValueError (one line) when the space would refuse it."""
     head, *options = text.split(":")
     source, _, weight = head.rpartition("=") if "=" in head else (head, "", "1")
-    entry = {"source": source, "weight": float(weight)}
+    entry = {"source": source, "weight": weight}
     for option in options:
         key, eq, value = option.partition("=")
         if not eq:
-            raise SystemExit(f"--sources: {text!r}: {option!r} is not option=value")
+            raise ValueError(f"--sources: {text!r}: {option!r} is not option=value")
         entry[key] = yaml.safe_load(value)
-    return entry
+    try:
+        return SourceConfig(**entry).model_dump(exclude_none=True)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(map(str, error["loc"])) or "options"
+        raise ValueError(f"--sources: {text!r}: {where}: {error['msg']}") from None
 
 
 def heal_run(ws: Workspace, name: str, plan: Plan, run: Run, args, teacher: dict) -> dict:
@@ -215,6 +221,10 @@ def main() -> None:
     args = p.parse_args()
     if any(h < 1 for h in args.horizons):
         p.error(f"--horizons: {args.horizons}: each a whole number of keys >= 1")
+    try:
+        sources = [mixture_entry(s) for s in args.sources or ()]
+    except ValueError as exc:
+        p.error(str(exc))
     t0 = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -222,7 +232,7 @@ def main() -> None:
     held = args.eval_tokens_heldout or space.budgets.eval_tokens
     data = {**space.data.model_dump(), "healing_corpus_tokens": args.corpus_tokens,
             "corpus_tokens": max(space.data.corpus_tokens, 4 * held), **({"seq_len": args.seq_len} if args.seq_len else {}),
-            **({"sources": [mixture_entry(s) for s in args.sources]} if args.sources else {})}
+            **({"sources": sources} if sources else {})}
     budgets = {**space.budgets.model_dump(), "eval_tokens": held}
     space = space.model_copy(update={"data": type(space.data)(**data), "budgets": type(space.budgets)(**budgets),
                                      "cpu": {}})

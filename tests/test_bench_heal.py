@@ -17,8 +17,16 @@ def test_sources_take_a_weight_and_options_a_space_accepts():
     assert bench.mixture_entry("package-docs") == {"source": "package-docs", "weight": 1.0}
 
 
-def test_an_option_without_a_value_is_refused_in_one_line():
+@pytest.mark.parametrize("text, says", [
+    ("teacher-unconditional=0.2:max_new_tokens", "'max_new_tokens' is not option=value"),
+    ("teacher-unconditional=abc", "weight: Input should be a valid number"),
+    ("teacher-unconditional=0.2:max_new_tokens=-5", "max_new_tokens: Input should be greater than or equal to 1"),
+    ("teacher-unconditional=0.2:subset=x", "'subset' does not apply to a teacher-unconditional source"),
+])
+def test_a_bad_source_is_refused_in_one_line(text, says):
     import bench_heal as bench
 
-    with pytest.raises(SystemExit, match="max_new_tokens.*is not option=value"):
-        bench.mixture_entry("teacher-unconditional=0.2:max_new_tokens")
+    with pytest.raises(ValueError) as exc:
+        bench.mixture_entry(text)
+    message = str(exc.value)
+    assert message.startswith(f"--sources: {text!r}: ") and says in message and "\n" not in message
