@@ -46,8 +46,8 @@ def horizon_scale(positions: torch.Tensor, window: int, sinks: int, horizon: int
     """Factor on the linear weights of queries at ``positions`` (real-token indices): 1 while a query has
     at most ``horizon`` linear keys (those before its window, sinks excluded), then ``horizon`` over
     their number. Past ``horizon`` the linear part then weighs as much as ``horizon`` average keys,
-    however long the context: a bounded normaliser (the plain sum grows with the context, and a student
-    drifts past the lengths it healed on; BENCHMARKS.md, long contexts)."""
+    however long the context: a bounded normaliser (the plain sum grows with the context). Measured on
+    healed students it barely changes their long-context drift (BENCHMARKS.md, recipe study part 3)."""
     n = (positions - window - sinks + 1).clamp(min=1).to(torch.float64)  # exact for float64 checks
     return (horizon / n).clamp(max=1.0)
 
