@@ -221,6 +221,8 @@ def main() -> None:
     args = p.parse_args()
     if any(h < 1 for h in args.horizons):
         p.error(f"--horizons: {args.horizons}: each a whole number of keys >= 1")
+    if args.horizons and not args.long_context:
+        p.error("--horizons: measured on the long-context set only; give --long-context too (e.g. 512 2048 4096)")
     try:
         sources = [mixture_entry(s) for s in args.sources or ()]
     except ValueError as exc:

@@ -1,10 +1,13 @@
-"""benchmarks/bench_heal.py's command line: a mixture given on it is the data.sources a space takes."""
+"""benchmarks/bench_heal.py's command line: a mixture given on it is the data.sources a space takes; bad
+flags stop it in one line before the teacher loads."""
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_heal.py"
+sys.path.insert(0, str(BENCH.parent))
 
 
 def test_sources_take_a_weight_and_options_a_space_accepts():
@@ -30,3 +33,15 @@ def test_a_bad_source_is_refused_in_one_line(text, says):
         bench.mixture_entry(text)
     message = str(exc.value)
     assert message.startswith(f"--sources: {text!r}: ") and says in message and "\n" not in message
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--horizons", "0", "--long-context", "64"], "--horizons: [0]: each a whole number of keys >= 1"),
+    (["--horizons", "32"], "--horizons: measured on the long-context set only"),
+    (["--sources", "teacher-unconditional=abc"], "weight: Input should be a valid number"),
+])
+def test_bad_flags_exit_2_in_one_line_before_any_work(tmp_path, flags, says):
+    done = subprocess.run([sys.executable, str(BENCH), "--device", "cpu", "--out", str(tmp_path / "out"), *flags],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and says in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "out").exists()
